@@ -1,0 +1,174 @@
+"""Command line entry the Snakemake rules call: `python -m ssl_pipeline <stage> [options]`.
+
+Settings arrive as JSON strings of config sections. Each stage imports only its own module, so a rule's
+conda env needs only what that stage uses (tests/test_envs.py checks this).
+"""
+import argparse
+import json
+import logging
+import sys
+
+
+def json_argument(text):
+    return json.loads(text)
+
+
+def add_compute(parser):
+    parser.add_argument("--compute", type=json_argument, required=True, help="config section `compute`")
+    parser.add_argument("--threads", type=int, required=True, help="CPU threads the scheduler granted")
+
+
+def compute_of(args) -> dict:
+    return {**args.compute, "threads": args.threads}
+
+
+def run_download(args):
+    from ssl_pipeline.download import RetryPolicy, download_dataset
+
+    files = args.files
+    destinations = {role: f"{args.out_dir}/{spec['name']}" for role, spec in files.items()}
+    policy = RetryPolicy(args.retry["attempts"], args.retry["backoff_seconds"], args.retry["timeout_seconds"])
+    download_dataset(files, args.mirrors, destinations, policy)
+
+
+def run_preprocess(args):
+    from ssl_pipeline.preprocess import preprocess
+
+    settings = args.settings
+    raw = {role: f"{args.raw_dir}/{spec['name']}" for role, spec in settings["files"].items()}
+    preprocess(raw, args.out_dir, settings["name"], settings["validation_fraction"], settings["split_seed"],
+               settings["class_names"])
+
+
+def run_label_subset(args):
+    from ssl_pipeline.preprocess import write_label_subset
+
+    write_label_subset(args.labels, args.card, args.fraction, args.seed, args.out)
+
+
+def run_pretrain(args):
+    from ssl_pipeline.pretrain import pretrain
+
+    pretrain(args.train_images, args.normalization, args.checkpoint, args.curve,
+             args.settings["pretrain"], args.settings["model"], compute_of(args))
+
+
+def run_finetune(args):
+    from ssl_pipeline.finetune import finetune
+
+    finetune(args.data_dir, args.subset, args.encoder, args.model, args.curve, args.init, args.fraction,
+             args.seed, args.settings["finetune"], args.settings["model"], compute_of(args))
+
+
+def run_evaluate(args):
+    from ssl_pipeline.evaluate import evaluate_classifier
+
+    evaluate_classifier(args.data_dir, args.model, args.metrics, compute_of(args))
+
+
+def run_knn_probe(args):
+    from ssl_pipeline.evaluate import evaluate_knn
+
+    evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings, compute_of(args))
+
+
+def run_report(args):
+    from ssl_pipeline.artifacts import read_json
+    from ssl_pipeline.report import build_report, read_csv
+
+    run_metrics = [read_json(path) for path in args.run_metrics]
+    if len(args.finetune_curves) != len(run_metrics):
+        raise ValueError("--finetune-curves must list one curve per --run-metrics file, in the same order")
+    curves = [(metrics, read_csv(path)) for metrics, path in zip(run_metrics, args.finetune_curves)]
+    build_report(run_metrics, curves, read_csv(args.pretrain_curve), read_json(args.knn),
+                 read_json(args.card), args.settings, args.out_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline", description=__doc__)
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    stage = stages.add_parser("download", help="fetch and verify the dataset files")
+    stage.add_argument("--files", type=json_argument, required=True, help="config `dataset.files`")
+    stage.add_argument("--mirrors", type=json_argument, required=True, help="config `dataset.mirrors`")
+    stage.add_argument("--retry", type=json_argument, required=True, help="config section `download`")
+    stage.add_argument("--out-dir", required=True)
+    stage.set_defaults(run=run_download)
+
+    stage = stages.add_parser("preprocess", help="validate IDX files, split, normalise, write the card")
+    stage.add_argument("--raw-dir", required=True)
+    stage.add_argument("--settings", type=json_argument, required=True)
+    stage.add_argument("--out-dir", required=True)
+    stage.set_defaults(run=run_preprocess)
+
+    stage = stages.add_parser("label-subset", help="one stratified, nested labeled subset")
+    stage.add_argument("--labels", required=True)
+    stage.add_argument("--card", required=True)
+    stage.add_argument("--fraction", type=float, required=True)
+    stage.add_argument("--seed", type=int, required=True)
+    stage.add_argument("--out", required=True)
+    stage.set_defaults(run=run_label_subset)
+
+    stage = stages.add_parser("pretrain", help="self-supervised pretraining of the encoder")
+    stage.add_argument("--train-images", required=True)
+    stage.add_argument("--normalization", required=True)
+    stage.add_argument("--settings", type=json_argument, required=True, help="config `pretrain` and `model`")
+    add_compute(stage)
+    stage.add_argument("--checkpoint", required=True)
+    stage.add_argument("--curve", required=True)
+    stage.set_defaults(run=run_pretrain)
+
+    stage = stages.add_parser("finetune", help="train a classifier on one labeled subset")
+    stage.add_argument("--data-dir", required=True)
+    stage.add_argument("--subset", required=True)
+    stage.add_argument("--encoder", default=None, help="pretrained encoder; omit for init 'scratch'")
+    stage.add_argument("--init", required=True)
+    stage.add_argument("--fraction", type=float, required=True)
+    stage.add_argument("--seed", type=int, required=True)
+    stage.add_argument("--settings", type=json_argument, required=True, help="config `finetune` and `model`")
+    add_compute(stage)
+    stage.add_argument("--model", required=True)
+    stage.add_argument("--curve", required=True)
+    stage.set_defaults(run=run_finetune)
+
+    stage = stages.add_parser("evaluate", help="test metrics of one fine-tuned model")
+    stage.add_argument("--data-dir", required=True)
+    stage.add_argument("--model", required=True)
+    add_compute(stage)
+    stage.add_argument("--metrics", required=True)
+    stage.set_defaults(run=run_evaluate)
+
+    stage = stages.add_parser("knn-probe", help="kNN accuracy of the encoder and of raw pixels")
+    stage.add_argument("--data-dir", required=True)
+    stage.add_argument("--encoder", required=True)
+    stage.add_argument("--settings", type=json_argument, required=True, help="config section `evaluate`")
+    add_compute(stage)
+    stage.add_argument("--metrics", required=True)
+    stage.set_defaults(run=run_knn_probe)
+
+    stage = stages.add_parser("report", help="summary.csv, report.md and plots")
+    stage.add_argument("--run-metrics", nargs="+", required=True)
+    stage.add_argument("--finetune-curves", nargs="+", required=True)
+    stage.add_argument("--pretrain-curve", required=True)
+    stage.add_argument("--knn", required=True)
+    stage.add_argument("--card", required=True)
+    stage.add_argument("--settings", type=json_argument, required=True, help="config section `report`")
+    stage.add_argument("--out-dir", required=True)
+    stage.set_defaults(run=run_report)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except Exception as error:  # one clear line for the log; the traceback follows for debugging
+        logging.getLogger("ssl_pipeline").error("%s failed: %s", args.stage, error)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

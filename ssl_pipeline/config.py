@@ -1,0 +1,54 @@
+"""Config validation with errors that name the key and what was expected.
+
+The Snakefile calls `validate_config` before building the DAG, so a bad config stops the workflow
+before any job runs.
+"""
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def key_path(error) -> str:
+    return ".".join(str(part) for part in error.absolute_path) or "(top level)"
+
+
+def describe(error) -> str:
+    key = key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        unknown = ", ".join(sorted(set(error.instance) - set(error.schema.get("properties", {}))))
+        prefix = f"{key}." if error.absolute_path else ""
+        return f"unknown key {prefix}{unknown}; expected one of: {allowed}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        prefix = f"{key}." if error.absolute_path else ""
+        return f"missing key {prefix}{missing}"
+    expected = error.schema.get("description", "")
+    hint = f" ({expected})" if expected else ""
+    return f"config key {key}: {error.message}{hint}"
+
+
+def semantic_errors(config: dict) -> list:
+    """Rules that JSON schema cannot express."""
+    errors = []
+    for section, key in (("pretrain", "crop_scale"), ("pretrain", "crop_ratio")):
+        low, high = config[section]["augment"][key]
+        if low > high:
+            errors.append(f"config key {section}.augment.{key}: lower bound {low} exceeds upper bound {high}")
+    return errors
+
+
+def validate_config(config: dict, schema_path) -> None:
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [describe(error) for error in sorted(validator.iter_errors(config), key=key_path)]
+    if not problems:
+        problems = semantic_errors(config)
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n{listing}")

@@ -1,0 +1,58 @@
+"""Reading and validating IDX files (the MNIST family's format).
+
+Layout: a big-endian header `0x00 0x00 <dtype code> <ndims>`, one uint32 per dimension, then the raw
+values in C order. We accept only unsigned bytes (dtype code 0x08), which is what image and label
+files use.
+"""
+from pathlib import Path
+
+import numpy as np
+
+UNSIGNED_BYTE = 0x08
+
+
+class IdxFormatError(ValueError):
+    """A file is not a well-formed IDX file; the message names the file and the problem."""
+
+
+def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into a uint8 array of the shape the header declares."""
+    if len(data) < 4:
+        raise IdxFormatError(f"{source}: {len(data)} bytes is too short for an IDX header (need 4)")
+    zero1, zero2, dtype_code, ndims = data[0], data[1], data[2], data[3]
+    if zero1 != 0 or zero2 != 0:
+        raise IdxFormatError(
+            f"{source}: bad magic number 0x{data[:4].hex()} (IDX files start with two zero bytes)"
+        )
+    if dtype_code != UNSIGNED_BYTE:
+        raise IdxFormatError(
+            f"{source}: element type 0x{dtype_code:02x} is not supported (expected 0x08, unsigned byte)"
+        )
+    if ndims == 0:
+        raise IdxFormatError(f"{source}: header declares 0 dimensions")
+    header_size = 4 + 4 * ndims
+    if len(data) < header_size:
+        raise IdxFormatError(
+            f"{source}: truncated header: {ndims} dimensions need {header_size} bytes, file has {len(data)}"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndims, offset=4))
+    if any(d == 0 for d in shape):
+        raise IdxFormatError(f"{source}: header declares an empty dimension, shape {shape}")
+    expected_size = header_size + int(np.prod(shape))
+    if len(data) != expected_size:
+        problem = "truncated" if len(data) < expected_size else "has trailing bytes"
+        raise IdxFormatError(
+            f"{source}: {problem}: shape {shape} needs {expected_size} bytes, file has {len(data)}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape).copy()
+
+
+def read_idx(path: Path) -> np.ndarray:
+    return parse_idx(Path(path).read_bytes(), source=str(path))
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The inverse of parse_idx, for building test datasets."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, UNSIGNED_BYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + array.tobytes()

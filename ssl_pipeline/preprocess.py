@@ -1,0 +1,186 @@
+"""From raw IDX files to compact uint8 arrays, a validation split, labeled subsets and a dataset card.
+
+Everything written here lives in one directory:
+    {split}_images.npy   uint8 (N, C, H, W)      for split in train, val, test
+    {split}_labels.npy   uint8 (N,)
+    normalization.json   per-channel mean/std of the training split, and the image shape
+    card.json            counts per class per split, checksums, statistics
+Pretraining reads only train_images.npy and normalization.json, never a label file.
+
+Labeled subsets (`write_label_subset`) are separate jobs, one per seed and fraction, so that adding a
+seed or a fraction to the config leaves the data files, and every model trained on them, untouched.
+"""
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ssl_pipeline.artifacts import atomic_path, read_json, write_json
+from ssl_pipeline.idx import IdxFormatError, read_idx
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def save_array(path, array: np.ndarray) -> None:
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.save(handle, array)
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation of the raw files
+# ---------------------------------------------------------------------------------------------------
+
+def as_nchw(images: np.ndarray, source) -> np.ndarray:
+    """IDX images are (N, H, W) or (N, H, W, C); we store (N, C, H, W)."""
+    if images.ndim == 3:
+        return images[:, None, :, :]
+    if images.ndim == 4 and images.shape[3] in (1, 3):
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    raise IdxFormatError(
+        f"{source}: an image file must have 3 dimensions (N, H, W) or 4 (N, H, W, C with C 1 or 3), "
+        f"got shape {images.shape}"
+    )
+
+
+def load_split(images_path, labels_path):
+    images = as_nchw(read_idx(images_path), images_path)
+    labels = read_idx(labels_path)
+    if labels.ndim != 1:
+        raise IdxFormatError(f"{labels_path}: a label file must have 1 dimension, got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise IdxFormatError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+        )
+    return images, labels
+
+
+def check_classes(train_labels, test_labels, raw: dict, class_names) -> int:
+    """Read the number of classes off the data and check both splits against it."""
+    num_classes = int(train_labels.max()) + 1
+    missing = sorted(set(range(num_classes)) - set(np.unique(train_labels).tolist()))
+    if missing:
+        raise IdxFormatError(
+            f"{raw['train_labels']}: labels must cover 0..{num_classes - 1}, classes {missing} have no example"
+        )
+    if int(test_labels.max()) >= num_classes:
+        raise IdxFormatError(
+            f"{raw['test_labels']}: label {int(test_labels.max())} is out of range; "
+            f"the training labels define classes 0..{num_classes - 1}"
+        )
+    if class_names and len(class_names) != num_classes:
+        raise ValueError(
+            f"config key dataset.class_names lists {len(class_names)} names, the data has {num_classes} classes"
+        )
+    return num_classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splits and subsets
+# ---------------------------------------------------------------------------------------------------
+
+def per_class_permutations(labels: np.ndarray, num_classes: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+
+
+def stratified_validation_split(labels, num_classes, fraction, seed):
+    """Return (train_indices, val_indices): the same fraction of every class goes to validation."""
+    val_parts, train_parts = [], []
+    for members in per_class_permutations(labels, num_classes, seed):
+        n_val = int(round(fraction * len(members)))
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
+
+
+def labeled_subset(labels, num_classes, fraction, seed) -> np.ndarray:
+    """Sorted indices of a stratified subset. Subsets of one seed are nested: every fraction takes a
+    prefix of the same per-class permutation, so 1% is inside 10% is inside 100%."""
+    prefixes = [members[: max(1, int(round(fraction * len(members))))]
+                for members in per_class_permutations(labels, num_classes, seed)]
+    return np.sort(np.concatenate(prefixes))
+
+
+def write_label_subset(labels_path, card_path, fraction: float, seed: int, out_path) -> int:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a label fraction must be in (0, 1], got {fraction}")
+    num_classes = read_json(card_path)["num_classes"]
+    indices = labeled_subset(np.load(labels_path), num_classes, fraction, seed)
+    save_array(out_path, indices)
+    log.info("labeled subset seed %d fraction %g: %d images", seed, fraction, len(indices))
+    return len(indices)
+
+
+def normalization_statistics(images: np.ndarray) -> dict:
+    pixels = images.astype(np.float64) / 255.0
+    return {
+        "mean": pixels.mean(axis=(0, 2, 3)).tolist(),
+        "std": pixels.std(axis=(0, 2, 3)).tolist(),
+        "image_shape": list(images.shape[1:]),
+    }
+
+
+def class_counts(labels, num_classes) -> list:
+    return np.bincount(labels, minlength=num_classes).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+
+def preprocess(raw: dict, out_dir, dataset_name: str, validation_fraction: float, split_seed: int,
+               class_names=None) -> dict:
+    """Validate the raw IDX files and write the directory described in the module docstring."""
+    out_dir = Path(out_dir)
+    train_images, train_labels = load_split(raw["train_images"], raw["train_labels"])
+    test_images, test_labels = load_split(raw["test_images"], raw["test_labels"])
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise IdxFormatError(
+            f"{raw['test_images']}: images are {test_images.shape[1:]} (C, H, W) but the training "
+            f"images in {raw['train_images']} are {train_images.shape[1:]}"
+        )
+    num_classes = check_classes(train_labels, test_labels, raw, class_names)
+    log.info("read %d training and %d test images of shape %s, %d classes",
+             len(train_images), len(test_images), train_images.shape[1:], num_classes)
+
+    train_index, val_index = stratified_validation_split(train_labels, num_classes, validation_fraction,
+                                                         split_seed)
+    splits = {
+        "train": (train_images[train_index], train_labels[train_index]),
+        "val": (train_images[val_index], train_labels[val_index]),
+        "test": (test_images, test_labels),
+    }
+    for split, (images, labels) in splits.items():
+        save_array(out_dir / f"{split}_images.npy", images)
+        save_array(out_dir / f"{split}_labels.npy", labels)
+
+    statistics = normalization_statistics(splits["train"][0])
+    write_json(out_dir / "normalization.json", statistics)
+
+    card = {
+        "dataset": dataset_name,
+        "num_classes": num_classes,
+        "class_names": class_names or [str(c) for c in range(num_classes)],
+        "image_shape": statistics["image_shape"],
+        "normalization": {"mean": statistics["mean"], "std": statistics["std"],
+                          "computed_on": "train split only"},
+        "validation": {"fraction": validation_fraction, "seed": split_seed, "stratified": True},
+        "splits": {split: {"count": len(labels), "per_class": class_counts(labels, num_classes)}
+                   for split, (_, labels) in splits.items()},
+        "raw_sha256": {role: sha256_of(path) for role, path in sorted(raw.items())},
+        "sha256": {f"{split}_{kind}.npy": sha256_of(out_dir / f"{split}_{kind}.npy")
+                   for split in SPLITS for kind in ("images", "labels")},
+    }
+    write_json(out_dir / "card.json", card)
+    log.info("wrote %s", out_dir)
+    return card

@@ -1,0 +1,53 @@
+"""Pieces shared by the pretraining and fine-tuning loops."""
+import csv
+import math
+import time
+
+import torch
+
+from ssl_pipeline.artifacts import atomic_path
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then cosine decay to zero at `total_steps`."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw(parameters, settings: dict):
+    return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=settings["learning_rate"],
+                             weight_decay=settings["weight_decay"])
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_curve(path, rows: list) -> None:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class Stopwatch:
+    """Wall time that waits for queued GPU work, so throughput figures are true. Call it at epoch or
+    evaluation boundaries only: synchronising every step would stall the GPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start

@@ -1,0 +1,105 @@
+"""The config documents itself: every key is validated, described, defaulted and commented."""
+import copy
+import re
+
+import pytest
+import yaml
+
+from ssl_pipeline.config import ConfigError, validate_config
+from tests.conftest import REPO
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+CONFIG_TEXT = (REPO / "config" / "config.yaml").read_text()
+DEFAULT = yaml.safe_load(CONFIG_TEXT)
+
+
+def merged(base, override):
+    """Snakemake's --configfile merge: nested dicts are updated key by key."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def schema_leaves(schema, prefix=()):
+    """(key path, schema) of every leaf property, following $refs into $defs."""
+    definitions = yaml.safe_load(SCHEMA.read_text())["$defs"]
+    for key, child in schema.get("properties", {}).items():
+        if "$ref" in child:
+            child = definitions[child["$ref"].rsplit("/", 1)[1]]
+        if child.get("type") == "object" and "properties" in child:
+            yield from schema_leaves(child, prefix + (key,))
+        else:
+            yield prefix + (key,), child
+
+
+def lookup(config, path):
+    for key in path:
+        config = config[key]
+    return config
+
+
+def test_default_config_is_valid():
+    validate_config(DEFAULT, SCHEMA)
+
+
+@pytest.mark.parametrize("experiment", sorted((REPO / "config" / "experiments").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_every_experiment_is_valid_on_top_of_the_default(experiment):
+    validate_config(merged(DEFAULT, yaml.safe_load(experiment.read_text())), SCHEMA)
+
+
+# Keys that describe one dataset have no sensible default.
+DATASET_SPECIFIC = ("dataset", "report")
+
+
+def test_every_key_is_described_and_its_default_matches_config_yaml():
+    leaves = list(schema_leaves(yaml.safe_load(SCHEMA.read_text())))
+    assert len(leaves) > 40
+    for path, schema in leaves:
+        name = ".".join(path)
+        if path[:2] == ("dataset", "files"):
+            continue  # the shared idx_file definition: name and sha256 differ per file
+        assert schema.get("description"), f"schema key {name} has no description"
+        if path[0] not in DATASET_SPECIFIC:
+            assert "default" in schema, f"schema key {name} has no default"
+            assert lookup(DEFAULT, path) == schema["default"], f"default of {name} differs from config.yaml"
+
+
+def test_every_key_of_config_yaml_is_commented():
+    lines = CONFIG_TEXT.splitlines()
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([a-z_]+):", line)
+        if not match or line.lstrip().startswith("- "):
+            continue
+        previous = lines[number - 1].strip() if number else ""
+        commented = "#" in line or previous.startswith("#")
+        # Keys inside a commented mapping block (the four IDX files) share their parent's comment.
+        inside_files = re.match(r"^\s{4,}(name|sha256|train_\w+|test_\w+):", line)
+        assert commented or inside_files, f"config/config.yaml line {number + 1} has no comment: {line!r}"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["pretrain"].update(epochs="ten"), "config key pretrain.epochs: 'ten' is not of type 'integer'"),
+        (lambda c: c["finetune"].update(label_fractions=[0.5, 1.5]), "config key finetune.label_fractions.1: 1.5"),
+        (lambda c: c["compute"].update(device="tpu"), "config key compute.device: 'tpu' does not match"),
+        (lambda c: c["finetune"].update(mode="frozen"), "config key finetune.mode: 'frozen' is not one of"),
+        (lambda c: c["model"].update(width=[8]), "unknown key model.width; expected one of: convs_per_stage"),
+        (lambda c: c["data"].pop("split_seed"), "missing key data.split_seed"),
+        (lambda c: c["dataset"]["files"]["train_images"].update(sha256="abc"),
+         "config key dataset.files.train_images.sha256: 'abc' does not match"),
+        (lambda c: c["pretrain"]["augment"].update(crop_scale=[0.9, 0.2]),
+         "config key pretrain.augment.crop_scale: lower bound 0.9 exceeds upper bound 0.2"),
+    ],
+)
+def test_errors_name_the_key_and_what_was_expected(change, message):
+    config = copy.deepcopy(DEFAULT)
+    change(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, SCHEMA)
+    assert message in str(error.value)

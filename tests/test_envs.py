@@ -1,0 +1,155 @@
+"""Static stand-in for `--use-conda` (conda cannot run on our CI): every rule has its own pinned env,
+and that env provides every third-party module the code the rule runs imports."""
+import ast
+import re
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "ssl_pipeline"
+# Import name -> conda-forge packages that provide it.
+CONDA_PACKAGES = {
+    "torch": {"pytorch"},
+    "numpy": {"numpy"},
+    "matplotlib": {"matplotlib", "matplotlib-base"},
+    "yaml": {"pyyaml"},
+    "jsonschema": {"jsonschema"},
+}
+# Conda package -> the name requirements.txt pins it under, to keep the two environments in step.
+PIP_NAMES = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+TRAINING_RULES = {"pretrain", "finetune"}
+SLOW_RULES = {"pretrain", "finetune", "knn_probe"}
+
+
+def parse_rules() -> dict:
+    """rule name -> its text, from every .smk file."""
+    rules = {}
+    for path in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = path.read_text()
+        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^rule (\w+):", text, re.M)]
+        for (start, name), (end, _) in zip(starts, starts[1:] + [(len(text), None)]):
+            rules[name] = text[start:end]
+    return rules
+
+
+RULES = parse_rules()
+
+
+def stage_of(rule_text) -> str:
+    return re.search(r"python -m ssl_pipeline ([\w-]+)", rule_text).group(1)
+
+
+def imports_in(path) -> set:
+    """Top-level names of every module `path` imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def stage_entry_modules(stage) -> set:
+    """The package modules the CLI handler of `stage` imports."""
+    tree = ast.parse((PACKAGE / "__main__.py").read_text())
+    handler = next(node for node in tree.body
+                   if isinstance(node, ast.FunctionDef) and node.name == f"run_{stage.replace('-', '_')}")
+    return {node.module for node in ast.walk(handler) if isinstance(node, ast.ImportFrom)}
+
+
+def third_party_imports(stage) -> set:
+    """Follow imports through the package from the stage's entry; collect what is not ours or stdlib."""
+    pending = {"ssl_pipeline.__main__", "ssl_pipeline"} | stage_entry_modules(stage)
+    seen, third_party = set(), set()
+    while pending:
+        module = pending.pop()
+        seen.add(module)
+        relative = module.split(".")[1:] or ["__init__"]
+        path = PACKAGE.joinpath(*relative).with_suffix(".py")
+        names = imports_in(path) if module != "ssl_pipeline.__main__" else module_level_imports(path)
+        for name in names:
+            top = name.split(".")[0]
+            if top == "ssl_pipeline":
+                if name not in seen and name != "ssl_pipeline":
+                    pending.add(name)
+            elif top not in sys.stdlib_module_names:
+                third_party.add(top)
+    return third_party
+
+
+def module_level_imports(path) -> set:
+    """__main__ imports each stage inside its handler; only its top-level imports run for every stage."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    return names
+
+
+def pinned_packages(env_path) -> dict:
+    env = yaml.safe_load(env_path.read_text())
+    assert env["channels"][0] == "conda-forge", f"{env_path}: conda-forge must be the first channel"
+    assert "nodefaults" in env["channels"], f"{env_path}: add 'nodefaults' so defaults never mixes in"
+    packages = {}
+    for spec in env["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==?([0-9][0-9A-Za-z.]*)", spec)
+        assert match, f"{env_path}: '{spec}' is not pinned to an exact version (name=version)"
+        packages[match.group(1)] = match.group(2)
+    return packages
+
+
+def test_the_workflow_has_the_expected_rules():
+    assert set(RULES) == {"download", "preprocess", "label_subset", "pretrain", "finetune", "evaluate",
+                          "knn_probe", "report"}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rule_declares_its_own_env_log_threads_and_resources(rule):
+    text = RULES[rule]
+    env = re.search(r'conda:\s*\n\s*"([^"]+)"', text).group(1)
+    assert env == f"../../envs/{rule}.yaml", f"rule {rule} must use its own env file envs/{rule}.yaml"
+    for directive in ("log:", "threads:", "resources:", "shell:"):
+        assert f"    {directive}" in text, f"rule {rule} lacks {directive}"
+    assert "> {log} 2>&1" in text, f"rule {rule} must send its output to its log"
+    assert ("gpu=1" in text) == (rule in TRAINING_RULES), f"only training rules ask for a GPU ({rule})"
+    if rule in SLOW_RULES:
+        assert "    benchmark:" in text, f"slow rule {rule} lacks benchmark:"
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_env_provides_every_third_party_module_the_rule_imports(rule):
+    env_path = REPO / "envs" / f"{rule}.yaml"
+    packages = pinned_packages(env_path)
+    assert "python" in packages, f"{env_path} must pin python"
+    for module in third_party_imports(stage_of(RULES[rule])):
+        assert module in CONDA_PACKAGES, f"no conda package known for module {module}; extend CONDA_PACKAGES"
+        assert CONDA_PACKAGES[module] & set(packages), (
+            f"rule {rule} imports {module}, but {env_path.name} has none of {sorted(CONDA_PACKAGES[module])}")
+
+
+def test_import_walk_sees_the_stage_dependencies():
+    assert third_party_imports("pretrain") == {"torch", "numpy"}
+    assert third_party_imports("download") == set()
+    assert third_party_imports("report") == {"matplotlib"}
+
+
+def test_env_pins_agree_with_requirements_txt():
+    requirements = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements.txt").read_text(), re.M))
+    requirements = {name.lower(): version for name, version in requirements.items()}
+    for env_path in sorted((REPO / "envs").glob("*.yaml")):
+        for package, version in pinned_packages(env_path).items():
+            pip_name = PIP_NAMES.get(package, package)
+            if pip_name in requirements:
+                assert requirements[pip_name] == version, f"{env_path.name} pins {package}={version}, " \
+                                                          f"requirements.txt {pip_name}=={requirements[pip_name]}"
+
+
+def test_no_env_file_is_unused():
+    used = {f"{rule}.yaml" for rule in RULES}
+    assert {path.name for path in (REPO / "envs").glob("*.yaml")} == used

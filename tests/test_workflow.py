@@ -1,0 +1,116 @@
+"""The whole DAG under real Snakemake: on a synthetic IDX dataset served over loopback HTTP, and on the
+real Fashion-MNIST from Debian's package."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, copy_workflow, require, serve_directory, write_synthetic_idx
+
+pytestmark = pytest.mark.workflow
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def snakemake(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
+    """Run the Snakemake of this interpreter's environment; rules find its `python` on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_summary(workdir):
+    with open(workdir / "results" / "summary.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_complete_report(workdir, expected_runs, fractions):
+    results = workdir / "results"
+    rows = read_summary(workdir)
+    assert len(rows) == expected_runs
+    assert all(0.0 <= float(row["test_accuracy"]) <= 1.0 for row in rows)
+    report = (results / "report.md").read_text()
+    assert "## Label efficiency" in report
+    for fraction in fractions:
+        assert f"| {100 * fraction:g}% |" in report
+    for plot in ("label_efficiency", "training_curves", "confusion_matrix"):
+        assert f"plots/{plot}.png" in report
+        assert (results / "plots" / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
+    knn = json.loads((results / "evaluate" / "knn.json").read_text())
+    assert f"| raw pixels | {knn['raw_pixel_accuracy']:.4f} |" in report
+
+
+def assert_up_to_date_and_reportable(workdir, *config_args):
+    dry = snakemake(workdir, "-n", "--cores", "1", *config_args)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    snakemake(workdir, "--cores", "1", *config_args, "--report", "results/report.html")
+    html = (workdir / "results" / "report.html").read_text()
+    assert "<html" in html.lower() and "label_efficiency.png" in html
+
+
+def test_lint_passes():
+    result = snakemake(REPO, "--lint")
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_a_bad_config_is_reported_before_any_job_runs(tmp_path):
+    workdir = copy_workflow(tmp_path / "workflow")
+    (workdir / "bad.yaml").write_text("pretrain:\n  epochs: 0\nmodel:\n  widht: [8]\n")
+    result = snakemake(workdir, "--cores", "1", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0
+    assert "config key pretrain.epochs: 0 is less than the minimum of 1" in result.stderr
+    assert "unknown key model.widht" in result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_synthetic_idx_dataset_over_loopback_http(tmp_path, http_server):
+    """A new IDX dataset by config alone: 3 classes of 12x12 images, fetched from a real HTTP server."""
+    url, routes = http_server
+    files = write_synthetic_idx(tmp_path / "served", num_classes=3, size=12, train_per_class=80)
+    serve_directory(routes, tmp_path / "served", prefix="/synthetic")
+    workdir = copy_workflow(tmp_path / "workflow")
+    override = {
+        "dataset": {"name": "synthetic", "mirrors": [f"{url}/synthetic"], "files": files, "class_names": []},
+        "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0, 1], "min_steps": 10},
+        "data": {"validation_fraction": 0.25},
+    }
+    (workdir / "synthetic.yaml").write_text(yaml.safe_dump(override))
+    config_args = ("--configfile", "config/experiments/smoke.yaml", "synthetic.yaml")
+
+    plan = snakemake(workdir, "-n", "-p", "--cores", "2", *config_args).stdout
+    pretrain_job = plan[plan.index("rule pretrain:"):].split("\n\n")[0]
+    assert "train_images.npy" in pretrain_job and "labels" not in pretrain_job
+
+    snakemake(workdir, "--cores", "2", *config_args)
+    card = json.loads((workdir / "results" / "data" / "card.json").read_text())
+    assert card["image_shape"] == [1, 12, 12] and card["num_classes"] == 3
+    assert card["splits"]["train"]["per_class"] == [60, 60, 60]
+    assert routes.count(f"/synthetic/{files['train_images']['name']}.gz") == 1
+    assert_complete_report(workdir, expected_runs=8, fractions=[0.5, 1.0])
+    assert_up_to_date_and_reportable(workdir, *config_args)
+
+
+def test_smoke_experiment_on_real_fashion_mnist(tmp_path):
+    require(DEBIAN_FASHION_MNIST.is_dir(),
+            f"{DEBIAN_FASHION_MNIST} is missing: install Debian's package dataset-fashion-mnist")
+    workdir = copy_workflow(tmp_path / "workflow")
+    config_args = ("--configfile", "config/experiments/smoke.yaml")
+    started = time.perf_counter()
+    snakemake(workdir, "--cores", "2", *config_args)
+    print(f"smoke DAG on real Fashion-MNIST: {time.perf_counter() - started:.1f} s")
+    card = json.loads((workdir / "results" / "data" / "card.json").read_text())
+    assert card["image_shape"] == [1, 28, 28] and card["num_classes"] == 10
+    assert [card["splits"][s]["count"] for s in ("train", "val", "test")] == [54000, 6000, 10000]
+    log = (workdir / "results" / "logs" / "download.log").read_text()
+    assert f"installed results/raw/train-images-idx3-ubyte from {DEBIAN_FASHION_MNIST}" in log
+    assert_complete_report(workdir, expected_runs=4, fractions=[0.1, 1.0])
+    assert_up_to_date_and_reportable(workdir, *config_args)

@@ -1,0 +1,90 @@
+# Config validation, paths and the helpers the rules share.
+import json
+import os
+import shlex
+import sys
+
+sys.path.insert(0, workflow.basedir)
+from ssl_pipeline.config import validate_config
+
+validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+
+# The package runs from this checkout, also inside a per-rule conda env where it is not installed.
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
+
+RESULTS = "results"
+RAW = f"{RESULTS}/raw"
+DATA = f"{RESULTS}/data"
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+SPLIT_FILES = [
+    f"{DATA}/{split}_{kind}.npy"
+    for split in ("train", "val", "test")
+    for kind in ("images", "labels")
+]
+ENCODER = f"{RESULTS}/pretrain/encoder.pt"
+RUN = "{init}/fraction{fraction}/seed{seed}"
+
+
+wildcard_constraints:
+    init="pretrained|scratch",
+    fraction=r"[0-9.e-]+",
+    seed=r"\d+",
+
+
+def as_json(value):
+    return json.dumps(value, sort_keys=True)
+
+
+# Threads come from the scheduler ({threads}); the rest of `compute` is a param, because device and
+# precision change the numbers a run produces.
+COMPUTE = as_json({k: v for k, v in config["compute"].items() if k != "threads"})
+# Run lists and per-run wildcards are not settings of one run, so editing them reruns nothing.
+FINETUNE_SETTINGS = {
+    key: value
+    for key, value in config["finetune"].items()
+    if key not in ("label_fractions", "seeds", "inits")
+}
+
+
+def fraction_name(fraction):
+    """The spelling of a label fraction in paths: 0.01 -> '0.01', 1.0 -> '1'."""
+    return f"{fraction:g}"
+
+
+def run_paths(pattern):
+    """`pattern` filled in for every (init, label fraction, seed) of the config."""
+    return expand(
+        pattern,
+        init=config["finetune"]["inits"],
+        fraction=[fraction_name(f) for f in config["finetune"]["label_fractions"]],
+        seed=config["finetune"]["seeds"],
+    )
+
+
+def directory_of(name):
+    """A params function giving the directory of the named input or output file."""
+
+    def directory(wildcards, input, output):
+        files = {**dict(input.items()), **dict(output.items())}
+        return os.path.dirname(files[name])
+
+    return directory
+
+
+def pretrained_encoder(wildcards):
+    return ENCODER if wildcards.init == "pretrained" else []
+
+
+def encoder_option(wildcards, input):
+    return f"--encoder {input.encoder}" if input.encoder else ""
+
+
+def report_outputs():
+    return [
+        f"{RESULTS}/summary.csv",
+        f"{RESULTS}/report.md",
+        f"{RESULTS}/plots/label_efficiency.png",
+        f"{RESULTS}/plots/training_curves.png",
+        f"{RESULTS}/plots/confusion_matrix.png",
+    ]

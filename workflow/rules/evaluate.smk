@@ -1,0 +1,48 @@
+rule evaluate:
+    input:
+        model=f"{RESULTS}/finetune/{RUN}/model.pt",
+        images=f"{DATA}/test_images.npy",
+        labels=f"{DATA}/test_labels.npy",
+        normalization=f"{DATA}/normalization.json",
+    output:
+        metrics=f"{RESULTS}/evaluate/{RUN}/metrics.json",
+    params:
+        compute=COMPUTE,
+        data_dir=directory_of("normalization"),
+    log:
+        f"{LOGS}/evaluate/{RUN}.log",
+    threads: 1
+    resources:
+        mem_mb=2048,
+    conda:
+        "../../envs/evaluate.yaml"
+    shell:
+        "python -m ssl_pipeline evaluate --data-dir {params.data_dir} --model {input.model}"
+        " --compute {params.compute:q} --threads {threads} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule knn_probe:
+    input:
+        SPLIT_FILES,
+        encoder=ENCODER,
+        card=f"{DATA}/card.json",
+        normalization=f"{DATA}/normalization.json",
+    output:
+        metrics=f"{RESULTS}/evaluate/knn.json",
+    params:
+        settings=as_json(config["evaluate"]),
+        compute=COMPUTE,
+        data_dir=directory_of("card"),
+    log:
+        f"{LOGS}/knn_probe.log",
+    benchmark:
+        f"{BENCHMARKS}/knn_probe.tsv"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=4096,
+    conda:
+        "../../envs/knn_probe.yaml"
+    shell:
+        "python -m ssl_pipeline knn-probe --data-dir {params.data_dir} --encoder {input.encoder}"
+        " --settings {params.settings:q} --compute {params.compute:q} --threads {threads}"
+        " --metrics {output.metrics} > {log} 2>&1"

@@ -1,0 +1,27 @@
+# Reads the training images and their statistics only: never a label file.
+rule pretrain:
+    input:
+        images=f"{DATA}/train_images.npy",
+        normalization=f"{DATA}/normalization.json",
+    output:
+        checkpoint=ENCODER,
+        curve=f"{RESULTS}/pretrain/curve.csv",
+    params:
+        settings=as_json({"pretrain": config["pretrain"], "model": config["model"]}),
+        compute=COMPUTE,
+    log:
+        f"{LOGS}/pretrain.log",
+    benchmark:
+        f"{BENCHMARKS}/pretrain.tsv"
+    threads: config["compute"]["threads"]
+    resources:
+        gpu=1,
+        mem_mb=4096,
+        runtime=120,
+    conda:
+        "../../envs/pretrain.yaml"
+    shell:
+        "python -m ssl_pipeline pretrain --train-images {input.images}"
+        " --normalization {input.normalization} --settings {params.settings:q}"
+        " --compute {params.compute:q} --threads {threads}"
+        " --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"
