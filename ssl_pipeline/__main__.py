@@ -1,6 +1,6 @@
 """Command line entry the Snakemake rules call: `python -m ssl_pipeline <stage> [options]`.
 
-Settings arrive as JSON strings of config sections. Each stage imports only its own module, so a rule's
+Settings arrive as one JSON string: the config keys the stage reads (ssl_pipeline/settings.py). Each stage imports only its own module, so a rule's
 conda env needs only what that stage uses (tests/test_envs.py checks this).
 """
 import argparse
@@ -13,31 +13,35 @@ def json_argument(text):
     return json.loads(text)
 
 
-def add_compute(parser):
-    parser.add_argument("--compute", type=json_argument, required=True, help="config section `compute`")
+def add_settings(parser, what):
+    parser.add_argument("--settings", type=json_argument, required=True,
+                        help=f"JSON of the config keys this stage reads: {what} (ssl_pipeline/settings.py)")
+
+
+def add_threads(parser):
     parser.add_argument("--threads", type=int, required=True, help="CPU threads the scheduler granted")
 
 
 def compute_of(args) -> dict:
-    return {**args.compute, "threads": args.threads}
+    return {**args.settings["compute"], "threads": args.threads}
 
 
 def run_download(args):
     from ssl_pipeline.download import RetryPolicy, download_dataset
 
-    files = args.files
+    files, retry = args.settings["dataset"]["files"], args.settings["download"]
     destinations = {role: f"{args.out_dir}/{spec['name']}" for role, spec in files.items()}
-    policy = RetryPolicy(args.retry["attempts"], args.retry["backoff_seconds"], args.retry["timeout_seconds"])
-    download_dataset(files, args.mirrors, destinations, policy)
+    policy = RetryPolicy(retry["attempts"], retry["backoff_seconds"], retry["timeout_seconds"])
+    download_dataset(files, args.settings["dataset"]["mirrors"], destinations, policy)
 
 
 def run_preprocess(args):
     from ssl_pipeline.preprocess import preprocess
 
-    settings = args.settings
-    raw = {role: f"{args.raw_dir}/{spec['name']}" for role, spec in settings["files"].items()}
-    preprocess(raw, args.out_dir, settings["name"], settings["validation_fraction"], settings["split_seed"],
-               settings["class_names"])
+    dataset, data = args.settings["dataset"], args.settings["data"]
+    raw = {role: f"{args.raw_dir}/{spec['name']}" for role, spec in dataset["files"].items()}
+    preprocess(raw, args.out_dir, dataset["name"], data["validation_fraction"], data["split_seed"],
+               dataset["class_names"])
 
 
 def run_label_subset(args):
@@ -69,7 +73,7 @@ def run_evaluate(args):
 def run_knn_probe(args):
     from ssl_pipeline.evaluate import evaluate_knn
 
-    evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings, compute_of(args))
+    evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"], compute_of(args))
 
 
 def run_report(args):
@@ -81,7 +85,7 @@ def run_report(args):
         raise ValueError("--finetune-curves must list one curve per --run-metrics file, in the same order")
     curves = [(metrics, read_csv(path)) for metrics, path in zip(run_metrics, args.finetune_curves)]
     build_report(run_metrics, curves, read_csv(args.pretrain_curve), read_json(args.knn),
-                 read_json(args.card), args.settings, args.out_dir)
+                 read_json(args.card), args.settings["report"], args.out_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,15 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="stage", required=True)
 
     stage = stages.add_parser("download", help="fetch and verify the dataset files")
-    stage.add_argument("--files", type=json_argument, required=True, help="config `dataset.files`")
-    stage.add_argument("--mirrors", type=json_argument, required=True, help="config `dataset.mirrors`")
-    stage.add_argument("--retry", type=json_argument, required=True, help="config section `download`")
+    add_settings(stage, "dataset.files, dataset.mirrors, download")
     stage.add_argument("--out-dir", required=True)
     stage.set_defaults(run=run_download)
 
     stage = stages.add_parser("preprocess", help="validate IDX files, split, normalise, write the card")
     stage.add_argument("--raw-dir", required=True)
-    stage.add_argument("--settings", type=json_argument, required=True)
+    add_settings(stage, "dataset.name, dataset.files, dataset.class_names, data")
     stage.add_argument("--out-dir", required=True)
     stage.set_defaults(run=run_preprocess)
 
@@ -112,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage = stages.add_parser("pretrain", help="self-supervised pretraining of the encoder")
     stage.add_argument("--train-images", required=True)
     stage.add_argument("--normalization", required=True)
-    stage.add_argument("--settings", type=json_argument, required=True, help="config `pretrain` and `model`")
-    add_compute(stage)
+    add_settings(stage, "pretrain, model, compute")
+    add_threads(stage)
     stage.add_argument("--checkpoint", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_pretrain)
@@ -125,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--init", required=True)
     stage.add_argument("--fraction", type=float, required=True)
     stage.add_argument("--seed", type=int, required=True)
-    stage.add_argument("--settings", type=json_argument, required=True, help="config `finetune` and `model`")
-    add_compute(stage)
+    add_settings(stage, "finetune, model, compute")
+    add_threads(stage)
     stage.add_argument("--model", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_finetune)
@@ -134,15 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage = stages.add_parser("evaluate", help="test metrics of one fine-tuned model")
     stage.add_argument("--data-dir", required=True)
     stage.add_argument("--model", required=True)
-    add_compute(stage)
+    add_settings(stage, "compute")
+    add_threads(stage)
     stage.add_argument("--metrics", required=True)
     stage.set_defaults(run=run_evaluate)
 
     stage = stages.add_parser("knn-probe", help="kNN accuracy of the encoder and of raw pixels")
     stage.add_argument("--data-dir", required=True)
     stage.add_argument("--encoder", required=True)
-    stage.add_argument("--settings", type=json_argument, required=True, help="config section `evaluate`")
-    add_compute(stage)
+    add_settings(stage, "evaluate, compute")
+    add_threads(stage)
     stage.add_argument("--metrics", required=True)
     stage.set_defaults(run=run_knn_probe)
 
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--pretrain-curve", required=True)
     stage.add_argument("--knn", required=True)
     stage.add_argument("--card", required=True)
-    stage.add_argument("--settings", type=json_argument, required=True, help="config section `report`")
+    add_settings(stage, "report")
     stage.add_argument("--out-dir", required=True)
     stage.set_defaults(run=run_report)
     return parser

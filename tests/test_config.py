@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from ssl_pipeline.config import ConfigError, validate_config
+from ssl_pipeline.settings import RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -103,3 +104,23 @@ def test_errors_name_the_key_and_what_was_expected(change, message):
     with pytest.raises(ConfigError) as error:
         validate_config(config, SCHEMA)
     assert message in str(error.value)
+
+
+# ---- which rule reads which key (ssl_pipeline/settings.py) --------------------------------------------
+
+def test_every_config_key_is_read_by_some_rule_or_is_a_run_list():
+    read = {key for rule in RULE_CONFIG_KEYS for key in rule_leaf_keys(DEFAULT, rule)}
+    every_leaf = {key for section in DEFAULT for key in leaf_keys(DEFAULT, section)}
+    assert every_leaf - read == set()
+    assert read <= every_leaf
+
+
+def test_rule_settings_hold_the_keys_the_rule_reads_and_no_run_list():
+    settings = rule_settings(DEFAULT, "finetune")
+    assert set(settings) == {"finetune", "model", "compute"}
+    assert settings["model"] == DEFAULT["model"]
+    assert "label_fractions" not in settings["finetune"] and "seeds" not in settings["finetune"]
+    assert settings["finetune"]["augment"] == DEFAULT["finetune"]["augment"]
+    assert "threads" not in settings["compute"] and settings["compute"]["device"] == "auto"
+    assert rule_settings(DEFAULT, "download")["dataset"] == {
+        "files": DEFAULT["dataset"]["files"], "mirrors": DEFAULT["dataset"]["mirrors"]}

@@ -6,6 +6,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from ssl_pipeline.config import validate_config
+from ssl_pipeline.settings import rule_settings
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
@@ -32,19 +33,10 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def as_json(value):
-    return json.dumps(value, sort_keys=True)
-
-
-# Threads come from the scheduler ({threads}); the rest of `compute` is a param, because device and
-# precision change the numbers a run produces.
-COMPUTE = as_json({k: v for k, v in config["compute"].items() if k != "threads"})
-# Run lists and per-run wildcards are not settings of one run, so editing them reruns nothing.
-FINETUNE_SETTINGS = {
-    key: value
-    for key, value in config["finetune"].items()
-    if key not in ("label_fractions", "seeds", "inits")
-}
+def settings_of(rule_name):
+    """JSON of the config keys `rule_name` reads (ssl_pipeline/settings.py): a param, so changing one
+    of them reruns the rule's jobs, and only those."""
+    return json.dumps(rule_settings(config, rule_name), sort_keys=True)
 
 
 def fraction_name(fraction):

@@ -7,7 +7,7 @@ rule evaluate:
     output:
         metrics=f"{RESULTS}/evaluate/{RUN}/metrics.json",
     params:
-        compute=COMPUTE,
+        settings=settings_of("evaluate"),
         data_dir=directory_of("normalization"),
     log:
         f"{LOGS}/evaluate/{RUN}.log",
@@ -18,7 +18,7 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     shell:
         "python -m ssl_pipeline evaluate --data-dir {params.data_dir} --model {input.model}"
-        " --compute {params.compute:q} --threads {threads} --metrics {output.metrics} > {log} 2>&1"
+        " --settings {params.settings:q} --threads {threads} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule knn_probe:
@@ -30,8 +30,7 @@ rule knn_probe:
     output:
         metrics=f"{RESULTS}/evaluate/knn.json",
     params:
-        settings=as_json(config["evaluate"]),
-        compute=COMPUTE,
+        settings=settings_of("knn_probe"),
         data_dir=directory_of("card"),
     log:
         f"{LOGS}/knn_probe.log",
@@ -44,5 +43,5 @@ rule knn_probe:
         "../../envs/knn_probe.yaml"
     shell:
         "python -m ssl_pipeline knn-probe --data-dir {params.data_dir} --encoder {input.encoder}"
-        " --settings {params.settings:q} --compute {params.compute:q} --threads {threads}"
+        " --settings {params.settings:q} --threads {threads}"
         " --metrics {output.metrics} > {log} 2>&1"

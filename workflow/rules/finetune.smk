@@ -9,8 +9,7 @@ rule finetune:
         model=f"{RESULTS}/finetune/{RUN}/model.pt",
         curve=f"{RESULTS}/finetune/{RUN}/curve.csv",
     params:
-        settings=as_json({"finetune": FINETUNE_SETTINGS, "model": config["model"]}),
-        compute=COMPUTE,
+        settings=settings_of("finetune"),
         data_dir=directory_of("card"),
         encoder=encoder_option,
     log:
@@ -27,5 +26,5 @@ rule finetune:
     shell:
         "python -m ssl_pipeline finetune --data-dir {params.data_dir} --subset {input.subset}"
         " {params.encoder} --init {wildcards.init} --fraction {wildcards.fraction}"
-        " --seed {wildcards.seed} --settings {params.settings:q} --compute {params.compute:q}"
+        " --seed {wildcards.seed} --settings {params.settings:q}"
         " --threads {threads} --model {output.model} --curve {output.curve} > {log} 2>&1"

@@ -8,14 +8,7 @@ rule preprocess:
         normalization=f"{DATA}/normalization.json",
         card=f"{DATA}/card.json",
     params:
-        settings=as_json(
-            {
-                "name": config["dataset"]["name"],
-                "files": config["dataset"]["files"],
-                "class_names": config["dataset"]["class_names"],
-                **config["data"],
-            }
-        ),
+        settings=settings_of("preprocess"),
         raw_dir=lambda wildcards, input: os.path.dirname(input[0]),
         out_dir=directory_of("card"),
     log:

@@ -7,8 +7,7 @@ rule pretrain:
         checkpoint=ENCODER,
         curve=f"{RESULTS}/pretrain/curve.csv",
     params:
-        settings=as_json({"pretrain": config["pretrain"], "model": config["model"]}),
-        compute=COMPUTE,
+        settings=settings_of("pretrain"),
     log:
         f"{LOGS}/pretrain.log",
     benchmark:
@@ -22,6 +21,5 @@ rule pretrain:
         "../../envs/pretrain.yaml"
     shell:
         "python -m ssl_pipeline pretrain --train-images {input.images}"
-        " --normalization {input.normalization} --settings {params.settings:q}"
-        " --compute {params.compute:q} --threads {threads}"
+        " --normalization {input.normalization} --settings {params.settings:q} --threads {threads}"
         " --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"

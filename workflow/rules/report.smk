@@ -28,7 +28,7 @@ rule report:
             category="Results",
         ),
     params:
-        settings=as_json(config["report"]),
+        settings=settings_of("report"),
         out_dir=directory_of("summary"),
     log:
         f"{LOGS}/report.log",
