@@ -13,8 +13,8 @@ from ssl_pipeline.data import Normalizer, device_generator, load_array, load_lab
 from ssl_pipeline.inference import accuracy
 from ssl_pipeline.models import Classifier, build_encoder, prepare
 from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import (Stopwatch, adamw, load_checkpoint, save_checkpoint, warmup_cosine,
-                                   write_curve)
+from ssl_pipeline.training import (Stopwatch, adamw, load_checkpoint, optimisation_step, save_checkpoint,
+                                   warmup_cosine, write_curve)
 
 log = logging.getLogger(__name__)
 INITS = ("pretrained", "scratch")
@@ -37,6 +37,15 @@ def step_budget(num_labeled: int, settings: dict) -> int:
     """`epochs` passes over the labeled subset, but at least `min_steps` so tiny subsets still converge."""
     steps_per_epoch = max(1, num_labeled // min(settings["batch_size"], num_labeled))
     return max(settings["min_steps"], settings["epochs"] * steps_per_epoch)
+
+
+def supervised_loss(model, normalize, batch, labels, settings: dict, generator, runtime):
+    """uint8 batch (B, C, H, W) and labels (B,) -> cross entropy on one augmented view.
+    settings: config `finetune`. The benchmark times this same function."""
+    views = supervised_view(normalize.to_unit(batch), settings["augment"], generator)
+    with runtime.autocast():
+        logits = model(normalize.standardise(views))  # (B, num_classes)
+        return F.cross_entropy(logits, labels, label_smoothing=settings["label_smoothing"])
 
 
 def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: str,
@@ -77,14 +86,9 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     for step in range(1, total_steps + 1):
         model.train()
         batch_index = next(batches)
-        views = supervised_view(normalize.to_unit(images[batch_index]), settings["augment"], generator)
-        with runtime.autocast():
-            logits = model(normalize.standardise(views))
-            loss = F.cross_entropy(logits, labels[batch_index], label_smoothing=settings["label_smoothing"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss = supervised_loss(model, normalize, images[batch_index], labels[batch_index], settings,
+                               generator, runtime)
+        optimisation_step(loss, optimizer, scheduler)
         running_loss += loss.detach()
         if step % eval_every == 0 or step == total_steps:
             steps_since = step - (curve[-1]["step"] if curve else 0)

@@ -12,9 +12,20 @@ from ssl_pipeline.data import Normalizer, device_generator, load_array, shuffled
 from ssl_pipeline.models import build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
 from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import Stopwatch, adamw, save_checkpoint, warmup_cosine, write_curve
+from ssl_pipeline.training import (Stopwatch, adamw, optimisation_step, save_checkpoint, warmup_cosine,
+                                   write_curve)
 
 log = logging.getLogger(__name__)
+
+
+def contrastive_loss(encoder, objective, normalize, batch, augment: dict, generator, runtime):
+    """uint8 batch (B, C, H, W) -> the objective's loss on two augmented views of every image.
+    augment: config `pretrain.augment`. The benchmark times this same function."""
+    unit = normalize.to_unit(batch)  # (B, C, H, W) in [0, 1]
+    views = torch.cat([contrastive_view(unit, augment, generator) for _ in range(2)])  # (2B, C, H, W)
+    with runtime.autocast():
+        features = encoder(normalize.standardise(views))  # (2B, F)
+        return objective(*features.chunk(2))
 
 
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
@@ -43,15 +54,9 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     for epoch in range(1, settings["epochs"] + 1):
         epoch_loss = torch.zeros((), device=device)  # summed on the device: no per-step host sync
         for batch_index in shuffled_batches(len(images), settings["batch_size"], generator, device):
-            unit = normalize.to_unit(images[batch_index])  # (B, C, H, W) in [0, 1]
-            views = torch.cat([contrastive_view(unit, settings["augment"], generator) for _ in range(2)])
-            with runtime.autocast():
-                features = encoder(normalize.standardise(views))  # (2B, F)
-                loss = objective(*features.chunk(2))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loss = contrastive_loss(encoder, objective, normalize, images[batch_index], settings["augment"],
+                                    generator, runtime)
+            optimisation_step(loss, optimizer, scheduler)
             epoch_loss += loss.detach()
         elapsed = clock.seconds()
         curve.append({

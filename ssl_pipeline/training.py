@@ -23,6 +23,13 @@ def adamw(parameters, settings: dict):
                              weight_decay=settings["weight_decay"])
 
 
+def optimisation_step(loss, optimizer, scheduler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def save_checkpoint(path, payload: dict) -> None:
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)

@@ -4,7 +4,10 @@ import hashlib
 import http.server
 import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,8 @@ from ssl_pipeline.idx import encode_idx
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SMOKE = ("--configfile", "config/experiments/smoke.yaml")
 
 
 def require(condition: bool, what: str) -> None:
@@ -153,3 +158,25 @@ def copy_workflow(destination: Path) -> Path:
         else:
             shutil.copy2(source, destination / part)
     return destination
+
+
+def snakemake(workdir: Path, *args, check=True, env=None) -> subprocess.CompletedProcess:
+    """Run the Snakemake of this interpreter's environment; rules find its `python` on PATH."""
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def real_smoke_run(tmp_path_factory):
+    """The smoke experiment on the real Fashion-MNIST, run once per test session by local Snakemake.
+    Returns (workdir, wall seconds). Tests must not change its results; copy what they change."""
+    require(DEBIAN_FASHION_MNIST.is_dir(),
+            f"{DEBIAN_FASHION_MNIST} is missing: install Debian's package dataset-fashion-mnist")
+    workdir = copy_workflow(tmp_path_factory.mktemp("real_smoke") / "workflow")
+    started = time.perf_counter()
+    snakemake(workdir, "--cores", "2", *SMOKE)
+    return workdir, time.perf_counter() - started

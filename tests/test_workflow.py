@@ -2,30 +2,15 @@
 real Fashion-MNIST from Debian's package."""
 import csv
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_workflow, require, serve_directory, write_synthetic_idx
+from tests.conftest import (DEBIAN_FASHION_MNIST, REPO, SMOKE, copy_workflow, serve_directory, snakemake,
+                            write_synthetic_idx)
 
 pytestmark = pytest.mark.workflow
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def snakemake(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
-    """Run the Snakemake of this interpreter's environment; rules find its `python` on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
-                            capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def read_summary(workdir):
@@ -99,18 +84,13 @@ def test_synthetic_idx_dataset_over_loopback_http(tmp_path, http_server):
     assert_up_to_date_and_reportable(workdir, *config_args)
 
 
-def test_smoke_experiment_on_real_fashion_mnist(tmp_path):
-    require(DEBIAN_FASHION_MNIST.is_dir(),
-            f"{DEBIAN_FASHION_MNIST} is missing: install Debian's package dataset-fashion-mnist")
-    workdir = copy_workflow(tmp_path / "workflow")
-    config_args = ("--configfile", "config/experiments/smoke.yaml")
-    started = time.perf_counter()
-    snakemake(workdir, "--cores", "2", *config_args)
-    print(f"smoke DAG on real Fashion-MNIST: {time.perf_counter() - started:.1f} s")
+def test_smoke_experiment_on_real_fashion_mnist(real_smoke_run):
+    workdir, seconds = real_smoke_run
+    print(f"smoke DAG on real Fashion-MNIST: {seconds:.1f} s")
     card = json.loads((workdir / "results" / "data" / "card.json").read_text())
     assert card["image_shape"] == [1, 28, 28] and card["num_classes"] == 10
     assert [card["splits"][s]["count"] for s in ("train", "val", "test")] == [54000, 6000, 10000]
     log = (workdir / "results" / "logs" / "download.log").read_text()
     assert f"installed results/raw/train-images-idx3-ubyte from {DEBIAN_FASHION_MNIST}" in log
     assert_complete_report(workdir, expected_runs=4, fractions=[0.1, 1.0])
-    assert_up_to_date_and_reportable(workdir, *config_args)
+    assert_up_to_date_and_reportable(workdir, *SMOKE)
