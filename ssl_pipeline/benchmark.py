@@ -1,0 +1,661 @@
+"""Training speed of our pipeline against the usual PyTorch recipe (ssl_pipeline/reference.py).
+
+    python -m ssl_pipeline.benchmark speed --out results/performance/speed.json [--tiny] [--device cuda]
+    python -m ssl_pipeline.benchmark time-to-accuracy --out results/performance/time_to_accuracy.json
+    python -m ssl_pipeline.benchmark profile --stage pretrain --implementation ours --out profile.txt
+
+speed: images per second of one optimisation step of pretraining (two views, contrastive loss;
+both views count) and of fine-tuning, for ours and for the reference on the same model, loss, batch
+size, device, precision and thread count, built from config/config.yaml. Each measurement runs in its
+own process, forked from this one, so its peak memory is its own. The reference runs once per
+DataLoader worker count in --workers, and the fastest is the one we compare with.
+time-to-accuracy: supervised training from scratch on the whole training set with our pipeline, until
+test accuracy first reaches each target.
+profile: torch.profiler's table of one implementation's steps.
+"""
+import argparse
+import gzip
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import torchvision
+import yaml
+
+from ssl_pipeline import reference
+from ssl_pipeline.artifacts import write_json, write_text
+from ssl_pipeline.config import validate_config
+from ssl_pipeline.data import Normalizer, device_generator, shuffled_batches
+from ssl_pipeline.finetune import supervised_loss
+from ssl_pipeline.idx import parse_idx
+from ssl_pipeline.inference import accuracy
+from ssl_pipeline.models import Classifier, build_encoder, prepare
+from ssl_pipeline.objectives import build_objective
+from ssl_pipeline.preprocess import as_nchw
+from ssl_pipeline.pretrain import contrastive_loss
+from ssl_pipeline.runtime import available_cpus, setup_runtime
+from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO / "config" / "config.yaml"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DOWNLOADED = REPO / "results" / "raw"  # where the pipeline's download rule puts the IDX files
+STAGES = ("pretrain", "finetune")
+IMPLEMENTATIONS = ("ours", "reference")
+MIB = 2 ** 20
+SEED = 0
+# Speed does not depend on the learning rate; a schedule this long keeps it at its peak while we time.
+CONSTANT_SCHEDULE_STEPS = 10 ** 6
+RSS_SAMPLE_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure. images: training images used (None: all); batch_size: None keeps the config's."""
+    repetitions: int = 3
+    warmup_steps: int = 4
+    repetition_seconds: float = 5.0  # each timed repetition runs about this long...
+    min_steps: int = 3  # ...and at least this many steps
+    images: int = None
+    batch_size: int = None
+
+
+TINY = Plan(repetitions=3, warmup_steps=2, repetition_seconds=0.1, min_steps=2, images=512, batch_size=32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and data
+# ---------------------------------------------------------------------------------------------------
+
+def merge(base: dict, override: dict) -> dict:
+    """Nested dicts merge key by key and everything else is replaced, as snakemake --configfile does."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def load_config(override_paths=()) -> dict:
+    config = yaml.safe_load(BASE_CONFIG.read_text())
+    for path in override_paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    validate_config(config, SCHEMA)
+    return config
+
+
+def default_raw_dir(config: dict) -> Path:
+    """The pipeline's downloaded files if present, else the first local-directory mirror that has them."""
+    name = config["dataset"]["files"]["train_images"]["name"]
+    for directory in [DOWNLOADED] + [Path(mirror) for mirror in config["dataset"]["mirrors"]]:
+        if any((directory / candidate).is_file() for candidate in (name, name + ".gz")):
+            return directory
+    raise FileNotFoundError(f"no {name}[.gz] in {DOWNLOADED} or in a local mirror of config key "
+                            "dataset.mirrors; run the pipeline's download step or pass --raw-dir")
+
+
+def read_raw(directory: Path, name: str) -> np.ndarray:
+    """An IDX file as a mirror holds it: `<name>.gz` or `<name>`."""
+    compressed, plain = directory / f"{name}.gz", directory / name
+    if compressed.is_file():
+        return parse_idx(gzip.decompress(compressed.read_bytes()), source=str(compressed))
+    return parse_idx(plain.read_bytes(), source=str(plain))
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+
+
+def load_split(raw_dir, config: dict, split: str, limit=None) -> Split:
+    files = config["dataset"]["files"]
+    images = as_nchw(read_raw(Path(raw_dir), files[f"{split}_images"]["name"]), split)[:limit]
+    labels = read_raw(Path(raw_dir), files[f"{split}_labels"]["name"]).astype(np.int64)[:limit]
+    return Split(np.ascontiguousarray(images), labels)
+
+
+def channel_statistics(images: np.ndarray):
+    """Per-channel mean and std in [0, 1] units, in chunks: a float64 copy of all 60,000 images
+    would add 376 MB to the peak memory we are measuring."""
+    total, squares = np.zeros(images.shape[1]), np.zeros(images.shape[1])
+    for start in range(0, len(images), 4096):
+        chunk = images[start:start + 4096].astype(np.float64) / 255.0
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += np.square(chunk).sum(axis=(0, 2, 3))
+    count = len(images) * images.shape[2] * images.shape[3]
+    mean = total / count
+    return mean.tolist(), np.sqrt(squares / count - mean ** 2).tolist()
+
+
+def normalizer(mean, std, image_shape, device) -> Normalizer:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "normalization.json"
+        write_json(path, {"mean": mean, "std": std, "image_shape": list(image_shape)})
+        return Normalizer(path, device)
+
+
+def endless(make_iterable):
+    while True:
+        yield from make_iterable()
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The measured steps: one optimisation step of a stage, ours or the reference
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    stage: str
+    implementation: str
+    workers: int  # DataLoader worker processes (0 for ours, which has no loader)
+    batch_size: int  # images drawn per step
+    images_per_step: int  # images the model sees per step: both views count in pretraining
+    modules: tuple  # what the step trains: (encoder, objective) or (classifier,)
+    loss_name: str
+    step: object  # () -> None: one optimisation step
+    loader: object = None  # the reference's DataLoader
+
+
+def build_trainer(stage: str, implementation: str, config: dict, train: Split, runtime, workers: int = 0,
+                  batch_size: int = None) -> Trainer:
+    """Model, loss, optimiser and batch size come from the config and are built the same way for both
+    implementations (and, after the same seed, with the same initial weights); only how batches are
+    made differs."""
+    if stage not in STAGES or implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"stage must be one of {STAGES} and implementation one of {IMPLEMENTATIONS}")
+    device = runtime.device
+    settings = config[stage]
+    in_channels, image_shape = train.images.shape[1], train.images.shape[1:]
+    if stage == "pretrain":
+        encoder = prepare(build_encoder(config["model"], in_channels), device)
+        objective = build_objective(settings["objective"], encoder.feature_dim,
+                                    settings[settings["objective"]]).to(device)
+        modules, loss_name = (encoder, objective), f"{settings['objective']} on two views"
+    else:
+        num_classes = int(train.labels.max()) + 1
+        model = prepare(Classifier(build_encoder(config["model"], in_channels), num_classes,
+                                   freeze_encoder=settings["mode"] == "linear_probe"), device)
+        modules = (model,)
+        loss_name = f"cross entropy, label smoothing {settings['label_smoothing']}"
+    for module in modules:
+        module.train()
+    optimizer = adamw([p for module in modules for p in module.parameters()], settings)
+    scheduler = warmup_cosine(optimizer, 0, CONSTANT_SCHEDULE_STEPS)
+    batch_size = min(batch_size or settings["batch_size"], len(train.images))
+    mean, std = channel_statistics(train.images)
+    views = 2 if stage == "pretrain" else 1
+    trainer = Trainer(stage, implementation, workers if implementation == "reference" else 0, batch_size,
+                      views * batch_size, modules, loss_name, step=None)
+
+    if implementation == "ours":
+        # The pipeline's loop: the dataset on the device as uint8, once; batches cut and augmented there.
+        images = torch.from_numpy(train.images).to(device)  # uint8 (N, C, H, W)
+        labels = torch.from_numpy(train.labels).to(device)
+        normalize = normalizer(mean, std, image_shape, device)
+        generator = device_generator(device, SEED)
+        batches = endless(lambda: shuffled_batches(len(images), batch_size, generator, device))
+
+        def batch_loss():
+            with torch.profiler.record_function("batch"):
+                index = next(batches)
+            with torch.profiler.record_function("augment+loss"):
+                if stage == "pretrain":
+                    return contrastive_loss(encoder, objective, normalize, images[index], settings["augment"],
+                                            generator, runtime)
+                return supervised_loss(model, normalize, images[index], labels[index], settings, generator,
+                                       runtime)
+    else:
+        # The tutorial recipe: per-sample PIL transforms in DataLoader workers.
+        size = list(image_shape[1:])
+        if stage == "pretrain":
+            transform = reference.TwoViews(reference.contrastive_transform(settings["augment"], mean, std, size))
+        else:
+            transform = reference.supervised_transform(settings["augment"], mean, std, size)
+        dataset = reference.TutorialDataset(train.images, train.labels, transform)
+        trainer.loader = reference.data_loader(dataset, batch_size, workers, device)
+        batches = endless(lambda: trainer.loader)
+
+        def batch_loss():
+            with torch.profiler.record_function("batch"):
+                inputs, targets = next(batches)
+            with torch.profiler.record_function("augment+loss"):
+                if stage == "pretrain":
+                    return reference.contrastive_loss(encoder, objective, inputs, runtime)
+                return reference.supervised_loss(model, inputs, targets, settings["label_smoothing"], runtime)
+
+    def step():
+        loss = batch_loss()
+        with torch.profiler.record_function("update"):
+            optimisation_step(loss, optimizer, scheduler)
+
+    trainer.step = step
+    return trainer
+
+
+def parameter_count(trainer: Trainer) -> int:
+    return sum(p.numel() for module in trainer.modules for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One measurement, in a process of its own
+# ---------------------------------------------------------------------------------------------------
+
+def device_description(runtime) -> str:
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_name(runtime.device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU") \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{model}, {available_cpus()} CPUs available"
+
+
+def tree_memory(pid: int, field: str) -> int:
+    """Summed `field` (rss or pss) of a process and its descendants (the DataLoader workers), in bytes."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            info = process.memory_full_info() if field == "pss" else process.memory_info()
+            total += getattr(info, field)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan) -> dict:
+    """Build one trainer, warm it up, and time `plan.repetitions` runs of the same number of steps."""
+    runtime = setup_runtime(compute, SEED)
+    device = runtime.device
+    train = load_split(raw_dir, config, "train", plan.images)
+    trainer = build_trainer(stage, implementation, config, train, runtime, workers, plan.batch_size)
+
+    # Warm-up: worker start-up, allocator and cudnn autotuning. Its last steps size the repetitions.
+    trainer.step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(plan.warmup_steps - 1):
+        trainer.step()
+    synchronize(device)
+    seconds_per_step = (time.perf_counter() - start) / max(1, plan.warmup_steps - 1)
+    steps = max(plan.min_steps, math.ceil(plan.repetition_seconds / seconds_per_step))
+
+    rates = []
+    for _ in range(plan.repetitions):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
+        synchronize(device)
+        rates.append(steps * trainer.images_per_step / (time.perf_counter() - start))
+
+    result = {
+        "stage": stage,
+        "implementation": implementation,
+        "workers": trainer.workers,
+        "batch_size": trainer.batch_size,
+        "images_per_step": trainer.images_per_step,
+        "parameters": parameter_count(trainer),
+        "loss": trainer.loss_name,
+        "steps_per_repetition": steps,
+        "images_per_second": statistics.mean(rates),
+        "images_per_second_std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        "repetitions": rates,
+        # Kernel high-water mark of the training process alone (ru_maxrss is KiB on Linux).
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB,
+        # Proportional set size of the training process and its workers, after the timed runs: each
+        # shared page (torch's libraries, the copy-on-write dataset) is split among its sharers.
+        "host_pss_mib": tree_memory(os.getpid(), "pss") / MIB,
+        "cuda_peak_allocated_mib": (torch.cuda.max_memory_allocated(device) / MIB
+                                    if device.type == "cuda" else None),
+        "device": str(device),
+        "device_name": device_description(runtime),
+        "threads": runtime.threads,
+        "precision": str(runtime.autocast_dtype).replace("torch.", ""),
+    }
+    del trainer  # shuts the DataLoader workers down
+    return result
+
+
+def measurement_process(connection, *arguments) -> None:
+    try:
+        connection.send(measure(*arguments))
+    except BaseException:
+        connection.send({"error": traceback.format_exc()})
+    finally:
+        connection.close()
+
+
+def measure_in_child(stage, implementation, workers, config, raw_dir, compute, plan: Plan) -> dict:
+    """Run `measure` in a forked process while sampling, from here, the summed RSS of it and its
+    workers. Forking (not spawning) saves re-importing torch; this process never runs a torch op or
+    touches CUDA, so the child starts with clean thread pools and an uninitialised GPU."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=measurement_process,
+                            args=(sender, stage, implementation, workers, config, raw_dir, compute, plan))
+    child.start()
+    sender.close()
+    peak_rss = 0
+    while not receiver.poll(RSS_SAMPLE_SECONDS):
+        peak_rss = max(peak_rss, tree_memory(child.pid, "rss"))
+    try:
+        result = receiver.recv()
+    except EOFError:
+        result = {"error": f"the measuring process died with exit code {child.join() or child.exitcode}"}
+    child.join()
+    if "error" in result:
+        raise RuntimeError(f"measuring {stage} {implementation} (workers={workers}) failed:\n{result['error']}")
+    # Sampled every RSS_SAMPLE_SECONDS; a page shared by the workers counts once per process.
+    result["host_peak_rss_mib"] = max(peak_rss / MIB, result["process_peak_rss_mib"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed mode
+# ---------------------------------------------------------------------------------------------------
+
+def default_worker_counts() -> list:
+    """0 (loading in the training process), 1, half and all of the CPUs: workers compete with the
+    training threads for the same cores, so more is not always faster."""
+    cpus = available_cpus()
+    return sorted({0, 1, max(1, cpus // 2), cpus})
+
+
+def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stages=STAGES, log=print) -> dict:
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    results = {}
+    for stage in stages:
+        log(f"{stage}: ours")
+        ours = measure_in_child(stage, "ours", 0, config, raw_dir, compute, plan)
+        candidates = []
+        for workers in worker_counts:
+            log(f"{stage}: reference, {workers} DataLoader workers")
+            candidates.append(measure_in_child(stage, "reference", workers, config, raw_dir, compute, plan))
+        best = max(candidates, key=lambda candidate: candidate["images_per_second"])
+        results[stage] = {"ours": ours, "reference": best, "reference_candidates": candidates,
+                          "speedup": ours["images_per_second"] / best["images_per_second"]}
+    first = results[stages[0]]["ours"]
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m ssl_pipeline.benchmark"] + sys.argv[1:]),
+        "device": first["device"],
+        "device_name": first["device_name"],
+        "threads": first["threads"],
+        "precision": first["precision"],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "seconds": time.perf_counter() - started,
+        "raw_dir": str(raw_dir),
+        "plan": plan.__dict__,
+        "worker_counts": list(worker_counts),
+    }
+    return {"meta": meta, "stages": results}
+
+
+def threads(count: int) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
+def speed_table(results: dict) -> str:
+    """Markdown: one row per measurement; the speed-up is ours over the fastest reference setting."""
+    rows = ["| step | implementation | images/s (mean ± sd) | peak RSS MiB | PSS MiB | CUDA peak MiB | speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for stage, entry in results["stages"].items():
+        label = {"pretrain": "pretraining (2 views/image)", "finetune": "fine-tuning"}[stage]
+        best = entry["reference"]
+        for run in [entry["ours"]] + entry["reference_candidates"]:
+            if run["implementation"] == "ours":
+                name, speedup = "ours: uint8 on device, batched augmentation", f"**{entry['speedup']:.2f}×**"
+            else:
+                name = f"reference: PIL + DataLoader, {run['workers']} worker{'' if run['workers'] == 1 else 's'}"
+                speedup = "1.00× (fastest)" if run is best else \
+                    f"{entry['ours']['images_per_second'] / run['images_per_second']:.2f}×"
+            cuda = "–" if run["cuda_peak_allocated_mib"] is None else f"{run['cuda_peak_allocated_mib']:.0f}"
+            rows.append(f"| {label} | {name} | {run['images_per_second']:,.0f} ± "
+                        f"{run['images_per_second_std']:,.0f} | {run['host_peak_rss_mib']:.0f} | "
+                        f"{run['host_pss_mib']:.0f} | {cuda} | {speedup} |")
+    meta = results["meta"]
+    rows.append("")
+    rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; {threads(meta['threads'])}, "
+                f"autocast {meta['precision']}; torch {meta['torch']}; load average "
+                f"{meta['load_average_before'][0]:.2f} before, {meta['load_average_after'][0]:.2f} after.")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time-to-accuracy mode
+# ---------------------------------------------------------------------------------------------------
+
+def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int, time_limit: float,
+                     evaluations_per_epoch: int, images: int = None, batch_size: int = None, log=print) -> dict:
+    """Our fine-tuning step, from scratch, on the whole training split (config `finetune` and `model`),
+    with a warm-up + cosine schedule over `epochs`. Test accuracy is measured `evaluations_per_epoch`
+    times per epoch with the clock stopped; training stops once every target is reached, after
+    `epochs`, or at the first evaluation past `time_limit` seconds of training."""
+    load_before = os.getloadavg()
+    setup_started = time.perf_counter()
+    runtime = setup_runtime(compute, SEED)
+    device = runtime.device
+    settings = config["finetune"]
+    train, test = load_split(raw_dir, config, "train", images), load_split(raw_dir, config, "test", images)
+    train_images = torch.from_numpy(train.images).to(device)  # uint8 (N, C, H, W), on the device once
+    train_labels = torch.from_numpy(train.labels).to(device)
+    test_images, test_labels = torch.from_numpy(test.images).to(device), torch.from_numpy(test.labels).to(device)
+    normalize = normalizer(*channel_statistics(train.images), train.images.shape[1:], device)
+    num_classes = int(train.labels.max()) + 1
+    model = prepare(Classifier(build_encoder(config["model"], train.images.shape[1]), num_classes), device)
+    batch_size = min(batch_size or settings["batch_size"], len(train.images))
+    steps_per_epoch = len(train.images) // batch_size
+    total_steps = epochs * steps_per_epoch
+    optimizer = adamw(model.parameters(), settings)
+    scheduler = warmup_cosine(optimizer, int(settings["warmup_fraction"] * total_steps), total_steps)
+    generator = device_generator(device, SEED)
+    evaluation_steps = [round(index * steps_per_epoch / evaluations_per_epoch)
+                        for index in range(1, epochs * evaluations_per_epoch + 1)]
+    synchronize(device)
+    setup_seconds = time.perf_counter() - setup_started
+
+    curve, reached = [], {}
+    train_seconds, wall_started = 0.0, time.perf_counter()
+    batches = endless(lambda: shuffled_batches(len(train_images), batch_size, generator, device))
+    step = 0
+    for evaluation_step in evaluation_steps:
+        synchronize(device)
+        started = time.perf_counter()
+        model.train()
+        for step in range(step + 1, evaluation_step + 1):
+            index = next(batches)
+            loss = supervised_loss(model, normalize, train_images[index], train_labels[index], settings,
+                                   generator, runtime)
+            optimisation_step(loss, optimizer, scheduler)
+        synchronize(device)
+        train_seconds += time.perf_counter() - started
+        test_accuracy = accuracy(model, test_images, test_labels, normalize, runtime)
+        point = {"epochs": step / steps_per_epoch, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
+                 "wall_seconds": time.perf_counter() - wall_started}
+        curve.append(point)
+        log(f"epoch {point['epochs']:.2f}: test accuracy {test_accuracy:.4f}, {train_seconds:.1f} s training")
+        for target in targets:
+            if target not in reached and test_accuracy >= target:
+                reached[target] = point
+        if len(reached) == len(targets):
+            break
+        if train_seconds > time_limit:
+            log(f"stopping: {train_seconds:.0f} s of training is past --time-limit {time_limit:g} s")
+            break
+    return {
+        "meta": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m ssl_pipeline.benchmark"] + sys.argv[1:]),
+            "device": str(device), "device_name": device_description(runtime), "threads": runtime.threads,
+            "precision": str(runtime.autocast_dtype).replace("torch.", ""), "torch": torch.__version__,
+            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+            "raw_dir": str(raw_dir),
+        },
+        "settings": {"train_images": len(train.images), "test_images": len(test.images), "batch_size": batch_size,
+                     "schedule_epochs": epochs, "time_limit_seconds": time_limit,
+                     "evaluations_per_epoch": evaluations_per_epoch, "learning_rate": settings["learning_rate"],
+                     "augment": settings["augment"], "model": config["model"]},
+        "setup_seconds": setup_seconds,
+        "targets": [{"target": target, "reached": target in reached, **reached.get(target, {})}
+                    for target in targets],
+        "curve": curve,
+    }
+
+
+def accuracy_table(results: dict) -> str:
+    rows = ["| target test accuracy | reached | epochs | training s | wall s (with evaluations) |",
+            "|---:|---|---:|---:|---:|"]
+    for target in results["targets"]:
+        if target["reached"]:
+            rows.append(f"| {target['target']:.2f} | yes | {target['epochs']:.2f} | "
+                        f"{target['train_seconds']:.1f} | {target['wall_seconds']:.1f} |")
+        else:
+            last = results["curve"][-1]
+            rows.append(f"| {target['target']:.2f} | no: best {max(p['test_accuracy'] for p in results['curve']):.4f} "
+                        f"in {last['epochs']:.2f} epochs | – | – | – |")
+    meta = results["meta"]
+    rows.append("")
+    rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; {threads(meta['threads'])}, "
+                f"autocast {meta['precision']}; load average {meta['load_average_before'][0]:.2f} before, "
+                f"{meta['load_average_after'][0]:.2f} after.")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profile mode
+# ---------------------------------------------------------------------------------------------------
+
+def profile(config: dict, raw_dir, compute: dict, stage: str, implementation: str, workers: int, steps: int,
+            plan: Plan) -> str:
+    """torch.profiler's operator table over `steps` steps after warm-up. Work in DataLoader worker
+    processes is invisible to it; in the training process it shows as the wait inside `batch`."""
+    runtime = setup_runtime(compute, SEED)
+    train = load_split(raw_dir, config, "train", plan.images)
+    trainer = build_trainer(stage, implementation, config, train, runtime, workers, plan.batch_size)
+    for _ in range(plan.warmup_steps):
+        trainer.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runtime.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            trainer.step()
+        synchronize(runtime.device)
+    sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
+    heading = (f"{stage} {implementation} (workers={trainer.workers}), {steps} steps of {trainer.images_per_step} "
+               f"images, {runtime.device}, {runtime.threads} threads, autocast {runtime.autocast_dtype}\n")
+    return heading + profiler.key_averages().table(sort_by=sort, row_limit=30)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+
+    def common(mode):
+        mode.add_argument("--configfile", action="append", default=[],
+                          help="override file merged over config/config.yaml (repeatable), as for snakemake")
+        mode.add_argument("--raw-dir", type=Path, default=None,
+                          help="directory with the IDX files (.gz or not); default: results/raw, else the "
+                               "first local mirror in config key dataset.mirrors")
+        mode.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: config compute.device)")
+        mode.add_argument("--threads", type=int, default=None,
+                          help="torch threads (default: config compute.threads, at most the CPUs available)")
+        mode.add_argument("--tiny", action="store_true", help=f"a few steps on {TINY.images} images, for CI")
+
+    speed_mode = modes.add_parser("speed", help="images/s and memory of ours and the reference")
+    common(speed_mode)
+    speed_mode.add_argument("--out", type=Path, required=True, help="JSON of every figure")
+    speed_mode.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    speed_mode.add_argument("--workers", type=int, nargs="+", default=None,
+                            help="DataLoader worker counts to try for the reference; the fastest counts "
+                                 f"(default {default_worker_counts()} here; --tiny: 1)")
+    speed_mode.add_argument("--repetitions", type=int, default=Plan.repetitions)
+    speed_mode.add_argument("--repetition-seconds", type=float, default=Plan.repetition_seconds,
+                            help="length of each timed repetition")
+
+    accuracy_mode = modes.add_parser("time-to-accuracy", help="wall time until test accuracy reaches targets")
+    common(accuracy_mode)
+    accuracy_mode.add_argument("--out", type=Path, required=True)
+    accuracy_mode.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.92])
+    accuracy_mode.add_argument("--epochs", type=int, default=None,
+                               help="length of the learning-rate schedule (default 12; --tiny: 1)")
+    accuracy_mode.add_argument("--time-limit", type=float, default=float("inf"),
+                               help="stop at the first evaluation after this many seconds of training")
+    accuracy_mode.add_argument("--evaluations-per-epoch", type=int, default=1)
+
+    profile_mode = modes.add_parser("profile", help="torch.profiler table of one implementation's steps")
+    common(profile_mode)
+    profile_mode.add_argument("--out", type=Path, required=True, help="text file for the table")
+    profile_mode.add_argument("--stage", choices=STAGES, required=True)
+    profile_mode.add_argument("--implementation", choices=IMPLEMENTATIONS, required=True)
+    profile_mode.add_argument("--workers", type=int, default=0)
+    profile_mode.add_argument("--steps", type=int, default=10)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_config(args.configfile)
+    raw_dir = args.raw_dir or default_raw_dir(config)
+    compute = dict(config["compute"])
+    compute.update({key: value for key, value in (("device", args.device), ("threads", args.threads)) if value})
+    plan = TINY if args.tiny else Plan()
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+
+    if args.mode == "speed":
+        plan = Plan(**{**plan.__dict__, "repetitions": args.repetitions,
+                       "repetition_seconds": plan.repetition_seconds if args.tiny else args.repetition_seconds})
+        workers = args.workers or ([1] if args.tiny else default_worker_counts())
+        results = speed(config, raw_dir, compute, plan, workers, tuple(args.stages), log)
+        write_json(args.out, results)
+        print(speed_table(results))
+    elif args.mode == "time-to-accuracy":
+        epochs = args.epochs or (1 if args.tiny else 12)
+        results = time_to_accuracy(config, raw_dir, compute, sorted(args.targets), epochs, args.time_limit,
+                                   args.evaluations_per_epoch, plan.images and 4 * plan.images, plan.batch_size,
+                                   log)
+        write_json(args.out, results)
+        print(accuracy_table(results))
+    else:
+        table = profile(config, raw_dir, compute, args.stage, args.implementation, args.workers, args.steps, plan)
+        write_text(args.out, table)
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The benchmark command: tiny runs write complete figures, and the reference it compares with trains the
+same model, on the same loss and batch size, with augmentations like ours."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import default_collate
+
+from ssl_pipeline import benchmark, reference
+from ssl_pipeline.augment import contrastive_view, supervised_view
+from ssl_pipeline.finetune import supervised_loss
+from ssl_pipeline.pretrain import contrastive_loss
+from ssl_pipeline.runtime import setup_runtime
+from tests.conftest import REPO, synthetic_images, write_synthetic_idx
+
+CPU = {"device": "cpu", "require_gpu": False, "precision": "fp32", "threads": 1}
+IDENTITY_AUGMENT = {
+    "pretrain": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip": False, "brightness_contrast": 0.0,
+                 "erase_probability": 0.0},
+    "finetune": {"max_shift": 0, "flip": False, "erase_probability": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_override(tmp_path_factory):
+    """A config override that points the dataset at a synthetic 28x28, 10-class IDX dataset."""
+    root = tmp_path_factory.mktemp("benchmark")
+    files = write_synthetic_idx(root / "mirror", num_classes=10, size=28, train_per_class=60, test_per_class=20)
+    override = root / "synthetic.yaml"
+    override.write_text(yaml.safe_dump({"dataset": {"mirrors": [str(root / "mirror")], "files": files}}))
+    return override
+
+
+def run_benchmark(*arguments):
+    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.benchmark", *map(str, arguments)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def positive_numbers(tree, path="") -> list:
+    """(path, value) of every number in a JSON tree, for a check that all of them are positive."""
+    if isinstance(tree, dict):
+        return [item for key, value in tree.items() for item in positive_numbers(value, f"{path}.{key}")]
+    if isinstance(tree, list):
+        return [item for index, value in enumerate(tree) for item in positive_numbers(value, f"{path}[{index}]")]
+    return [(path, tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+MEASUREMENT_FIELDS = {"stage", "implementation", "workers", "batch_size", "images_per_step", "parameters", "loss",
+                      "steps_per_repetition", "images_per_second", "images_per_second_std", "repetitions",
+                      "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib", "cuda_peak_allocated_mib",
+                      "device", "device_name", "threads", "precision"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny runs of the command
+# ---------------------------------------------------------------------------------------------------
+
+def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
+    out = tmp_path / "speed.json"
+    table = run_benchmark("speed", "--tiny", "--device", "cpu", "--threads", "1", "--configfile",
+                          synthetic_override, "--out", out)
+    results = json.loads(out.read_text())
+
+    assert set(results["stages"]) == {"pretrain", "finetune"}
+    for stage, entry in results["stages"].items():
+        runs = [entry["ours"], entry["reference"], *entry["reference_candidates"]]
+        for run in runs:
+            assert set(run) == MEASUREMENT_FIELDS
+            assert run["stage"] == stage and run["device"] == "cpu"
+            assert run["cuda_peak_allocated_mib"] is None  # no device memory to report on the CPU
+            assert len(run["repetitions"]) == 3
+            assert run["images_per_step"] == run["batch_size"] * (2 if stage == "pretrain" else 1)
+            assert run["host_peak_rss_mib"] >= run["process_peak_rss_mib"] > 100  # torch alone is bigger
+        assert entry["reference"] in entry["reference_candidates"]
+        assert [run["workers"] for run in entry["reference_candidates"]] == [1]
+        assert entry["speedup"] == pytest.approx(entry["ours"]["images_per_second"]
+                                                 / entry["reference"]["images_per_second"])
+    for path, value in positive_numbers(results):
+        if not path.endswith("images_per_second_std") and "load_average" not in path and "workers" not in path:
+            assert value > 0, f"{path} is {value}"
+    assert results["meta"]["command"].startswith("python -m ssl_pipeline.benchmark speed --tiny")
+    assert "| pretraining (2 views/image) | ours" in table and "reference: PIL + DataLoader, 1 worker |" in table
+
+
+def test_tiny_time_to_accuracy_reports_reached_and_missed_targets(synthetic_override, tmp_path):
+    out = tmp_path / "accuracy.json"
+    run_benchmark("time-to-accuracy", "--tiny", "--device", "cpu", "--threads", "1", "--configfile",
+                  synthetic_override, "--targets", "0.5", "1.01", "--epochs", "2", "--evaluations-per-epoch", "4", "--out", out)
+    results = json.loads(out.read_text())
+
+    curve = results["curve"]
+    # 1.01 is never reached, so it trains the whole schedule, evaluating 4 times an epoch.
+    assert [point["epochs"] for point in curve] == pytest.approx([0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2], abs=0.03)
+    assert all(earlier["train_seconds"] < later["train_seconds"] <= later["wall_seconds"]
+               for earlier, later in zip(curve, curve[1:]))
+    reachable, impossible = results["targets"]
+    # The synthetic classes are easy: two epochs get past 0.5 (chance is 0.1).
+    assert reachable["reached"] and reachable["target"] == 0.5
+    first = next(point for point in curve if point["test_accuracy"] >= 0.5)
+    assert reachable["epochs"] == first["epochs"] and reachable["train_seconds"] == first["train_seconds"] > 0
+    assert impossible == {"target": 1.01, "reached": False}
+    assert results["settings"]["train_images"] == 600 and results["settings"]["test_images"] == 200
+
+
+# ---------------------------------------------------------------------------------------------------
+# Like with like
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_split():
+    labels = np.repeat(np.arange(10), 8)
+    return benchmark.Split(synthetic_images(labels, 28, seed=3)[:, None], labels.astype(np.int64))
+
+
+def build_pair(stage, config, split, batch_size=16):
+    """Ours and the reference for `stage`, each built right after seeding, as in the benchmark."""
+    trainers = []
+    for implementation in benchmark.IMPLEMENTATIONS:
+        runtime = setup_runtime(CPU, benchmark.SEED)
+        trainers.append(benchmark.build_trainer(stage, implementation, config, split, runtime, 0, batch_size))
+    return trainers, runtime
+
+
+def normalizer_of(split):
+    mean, std = benchmark.channel_statistics(split.images)
+    return benchmark.normalizer(mean, std, split.images.shape[1:], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage", benchmark.STAGES)
+def test_reference_and_ours_train_the_same_model_with_the_same_loss_and_batch(stage, train_split):
+    """Without augmentation both pipelines feed the same tensors, so equal losses mean equal models,
+    weights, loss functions and batches."""
+    config = benchmark.load_config()
+    config[stage]["augment"] = IDENTITY_AUGMENT[stage]
+    (ours, theirs), runtime = build_pair(stage, config, train_split)
+
+    assert [repr(module) for module in ours.modules] == [repr(module) for module in theirs.modules]
+    assert benchmark.parameter_count(ours) == benchmark.parameter_count(theirs) > 100_000
+    for mine, other in zip(ours.modules, theirs.modules):
+        for (name, tensor), (_, other_tensor) in zip(mine.state_dict().items(), other.state_dict().items()):
+            torch.testing.assert_close(tensor, other_tensor, msg=name)
+    assert ours.batch_size == theirs.batch_size == 16
+    assert ours.images_per_step == theirs.images_per_step == (32 if stage == "pretrain" else 16)
+    assert ours.loss_name == theirs.loss_name
+
+    count = ours.batch_size
+    normalize = normalizer_of(train_split)
+    images = torch.from_numpy(train_split.images[:count])
+    labels = torch.from_numpy(train_split.labels[:count])
+    inputs, targets = default_collate([theirs.loader.dataset[index] for index in range(count)])
+    generator = torch.Generator().manual_seed(0)
+    if stage == "pretrain":
+        encoder, objective = ours.modules
+        our_loss = contrastive_loss(encoder, objective, normalize, images, config[stage]["augment"], generator,
+                                    runtime)
+        their_loss = reference.contrastive_loss(*theirs.modules, inputs, runtime)
+    else:
+        our_loss = supervised_loss(ours.modules[0], normalize, images, labels, config[stage], generator, runtime)
+        their_loss = reference.supervised_loss(theirs.modules[0], inputs, targets,
+                                               config[stage]["label_smoothing"], runtime)
+        assert torch.equal(targets, labels)
+    assert math.isfinite(our_loss.item())
+    torch.testing.assert_close(our_loss, their_loss, rtol=1e-4, atol=1e-5)
+
+
+def reference_views(image, transform, count, mean=0.3, std=0.3):
+    """`count` draws of `transform` on one uint8 image (1, C, H, W), back in [0, 1] units."""
+    dataset = reference.TutorialDataset(image, None, transform)
+    torch.manual_seed(0)
+    return torch.stack([dataset[0][0] for _ in range(count)]) * std + mean
+
+
+def test_reference_fine_tuning_views_are_exactly_ours():
+    """Translation by up to 2 pixels with zero padding and a flip: torchvision can express ours exactly,
+    so both must produce the same 5 x 5 x 2 distinct views of an image."""
+    augment = {"max_shift": 2, "flip": True, "erase_probability": 0.0}
+    image = synthetic_images(np.array([3]), 28, seed=3)[:, None]  # (1, 1, 28, 28)
+    ours = supervised_view(torch.from_numpy(image).float().repeat(1000, 1, 1, 1) / 255, augment,
+                           torch.Generator().manual_seed(0))
+    theirs = reference_views(image, reference.supervised_transform(augment, [0.3], [0.3], [28, 28]), 1000)
+
+    def distinct(views):
+        return {view.numpy().tobytes() for view in (views * 255).round().to(torch.uint8)}
+    assert len(distinct(ours)) == 50
+    assert distinct(theirs) == distinct(ours)
+
+
+def test_reference_erases_as_often_and_as_much_as_ours():
+    augment = {**IDENTITY_AUGMENT["pretrain"], "erase_probability": 0.25}
+    white = np.full((1, 1, 28, 28), 255, dtype=np.uint8)
+    ours = contrastive_view(torch.ones(1000, 1, 28, 28), augment, torch.Generator().manual_seed(0))
+    theirs = reference_views(white, reference.contrastive_transform(augment, [0.3], [0.3], [28, 28]), 1000)
+    figures = []
+    for views in (ours, theirs):
+        erased = (views < 0.5).float().mean(dim=(1, 2, 3))  # share of each view blanked
+        figures.append(((erased > 0).float().mean().item(), erased[erased > 0].mean().item()))
+    (our_share, our_area), (their_share, their_area) = figures
+    assert our_share == pytest.approx(0.25, abs=0.05) and their_share == pytest.approx(0.25, abs=0.05)
+    # Box area uniform in 2-25% of the image in both: about 13.5% on average.
+    assert our_area == pytest.approx(their_area, abs=0.03) and our_area == pytest.approx(0.135, abs=0.03)
