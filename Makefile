@@ -5,7 +5,12 @@ PYTHON := $(VENV)/bin/python
 CORES ?= 4
 SNAKEMAKE := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake
 
-.PHONY: help run smoke test test-fast lint report clean
+# EXPERIMENT=smoke selects config/experiments/smoke.yaml on top of config/config.yaml.
+EXPERIMENT ?=
+CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).yaml)
+VERSIONING := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m ssl_pipeline.versioning
+
+.PHONY: help run smoke test test-fast lint report clean dvc-yaml record push pull
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,13 +22,13 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 run: $(VENV)/installed  ## run the pipeline on the default config (results/report.md)
-	$(SNAKEMAKE) --cores $(CORES)
+	$(SNAKEMAKE) --cores $(CORES) $(CONFIG_ARGS)
 
 smoke: $(VENV)/installed  ## the whole DAG on the tiny smoke experiment
 	$(SNAKEMAKE) --cores $(CORES) --configfile config/experiments/smoke.yaml
 
 report: $(VENV)/installed  ## Snakemake's HTML report of the last run
-	$(SNAKEMAKE) --cores 1 --report results/report.html
+	$(SNAKEMAKE) --cores 1 $(CONFIG_ARGS) --report results/report.html
 
 test: $(VENV)/installed  ## every test: unit, smoke training, whole DAGs
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -v -rs --durations=10
@@ -33,6 +38,18 @@ test-fast: $(VENV)/installed  ## unit and smoke-training tests only
 
 lint: $(VENV)/installed  ## snakemake --lint
 	$(SNAKEMAKE) --lint
+
+dvc-yaml: $(VENV)/installed  ## write dvc.yaml from the Snakemake DAG (of EXPERIMENT, if set)
+	$(VERSIONING) dvc-yaml $(CONFIG_ARGS)
+
+record: $(VENV)/installed  ## dvc commit the outputs of a finished Snakemake run into dvc.lock
+	$(VERSIONING) record
+
+push: $(VENV)/installed  ## dvc push outputs to the DVC remote
+	$(VERSIONING) push
+
+pull: $(VENV)/installed  ## dvc pull outputs, then make Snakemake see them as up to date
+	$(VERSIONING) pull
 
 clean:  ## remove results and Snakemake's state (keeps .venv)
 	rm -rf results .snakemake

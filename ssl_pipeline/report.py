@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ssl_pipeline.artifacts import atomic_path, read_json, write_text  # noqa: E402
+from ssl_pipeline.artifacts import atomic_path, read_json, write_json, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["init", "label_fraction", "seed", "mode", "labeled_images", "test_accuracy",
@@ -49,6 +49,16 @@ def aggregate(rows) -> dict:
                        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan"),
                        "labeled_images": members[0]["labeled_images"]}
     return result
+
+
+def headline_metrics(stats) -> dict:
+    """{"test_accuracy": {init: {"10%": {"mean", "std", "seeds"}}}}; std is null for a single seed."""
+    metrics = defaultdict(dict)
+    for (init, fraction), cell in sorted(stats.items()):
+        metrics[init][f"{100 * fraction:g}%"] = {
+            "mean": round(cell["mean"], 5), "std": None if cell["n"] < 2 else round(cell["std"], 5),
+            "seeds": cell["n"]}
+    return {"test_accuracy": dict(metrics)}
 
 
 def mean_std(cell) -> str:
@@ -158,7 +168,7 @@ def reference_table(references, stats, largest_fraction, parameters) -> list:
 
 
 def build_report(run_metrics, finetune_curves, pretrain_curve, knn, card, settings, out_dir) -> dict:
-    """Write summary.csv, report.md and plots/*.png under `out_dir`. settings: config `report`."""
+    """Write summary.csv, metrics.json, report.md and plots/*.png under `out_dir`. settings: config `report`."""
     out_dir = Path(out_dir)
     rows = summary_rows(run_metrics)
     write_summary(out_dir / "summary.csv", rows)
@@ -222,5 +232,6 @@ def build_report(run_metrics, finetune_curves, pretrain_curve, knn, card, settin
         "",
     ]
     write_text(out_dir / "report.md", "\n".join(lines))
+    write_json(out_dir / "metrics.json", headline_metrics(stats))
     log.info("wrote %s", out_dir / "report.md")
     return stats

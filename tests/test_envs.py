@@ -1,15 +1,13 @@
 """Static stand-in for `--use-conda` (conda cannot run on our CI): every rule has its own pinned env,
 and that env provides every third-party module the code the rule runs imports."""
-import ast
 import re
-import sys
 
 import pytest
 import yaml
 
+from ssl_pipeline.stage_code import stage_files, stage_of_command, third_party_imports
 from tests.conftest import REPO
 
-PACKAGE = REPO / "ssl_pipeline"
 # Import name -> conda-forge packages that provide it.
 CONDA_PACKAGES = {
     "torch": {"pytorch"},
@@ -36,60 +34,6 @@ def parse_rules() -> dict:
 
 
 RULES = parse_rules()
-
-
-def stage_of(rule_text) -> str:
-    return re.search(r"python -m ssl_pipeline ([\w-]+)", rule_text).group(1)
-
-
-def imports_in(path) -> set:
-    """Top-level names of every module `path` imports, at any depth of the file."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module)
-    return names
-
-
-def stage_entry_modules(stage) -> set:
-    """The package modules the CLI handler of `stage` imports."""
-    tree = ast.parse((PACKAGE / "__main__.py").read_text())
-    handler = next(node for node in tree.body
-                   if isinstance(node, ast.FunctionDef) and node.name == f"run_{stage.replace('-', '_')}")
-    return {node.module for node in ast.walk(handler) if isinstance(node, ast.ImportFrom)}
-
-
-def third_party_imports(stage) -> set:
-    """Follow imports through the package from the stage's entry; collect what is not ours or stdlib."""
-    pending = {"ssl_pipeline.__main__", "ssl_pipeline"} | stage_entry_modules(stage)
-    seen, third_party = set(), set()
-    while pending:
-        module = pending.pop()
-        seen.add(module)
-        relative = module.split(".")[1:] or ["__init__"]
-        path = PACKAGE.joinpath(*relative).with_suffix(".py")
-        names = imports_in(path) if module != "ssl_pipeline.__main__" else module_level_imports(path)
-        for name in names:
-            top = name.split(".")[0]
-            if top == "ssl_pipeline":
-                if name not in seen and name != "ssl_pipeline":
-                    pending.add(name)
-            elif top not in sys.stdlib_module_names:
-                third_party.add(top)
-    return third_party
-
-
-def module_level_imports(path) -> set:
-    """__main__ imports each stage inside its handler; only its top-level imports run for every stage."""
-    names = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module)
-    return names
 
 
 def pinned_packages(env_path) -> dict:
@@ -127,7 +71,7 @@ def test_env_provides_every_third_party_module_the_rule_imports(rule):
     env_path = REPO / "envs" / f"{rule}.yaml"
     packages = pinned_packages(env_path)
     assert "python" in packages, f"{env_path} must pin python"
-    for module in third_party_imports(stage_of(RULES[rule])):
+    for module in third_party_imports(stage_of_command(RULES[rule])):
         assert module in CONDA_PACKAGES, f"no conda package known for module {module}; extend CONDA_PACKAGES"
         assert CONDA_PACKAGES[module] & set(packages), (
             f"rule {rule} imports {module}, but {env_path.name} has none of {sorted(CONDA_PACKAGES[module])}")
@@ -137,6 +81,9 @@ def test_import_walk_sees_the_stage_dependencies():
     assert third_party_imports("pretrain") == {"torch", "numpy"}
     assert third_party_imports("download") == set()
     assert third_party_imports("report") == {"matplotlib"}
+    names = {path.name for path in stage_files("pretrain")}
+    assert {"__main__.py", "__init__.py", "pretrain.py", "augment.py", "objectives.py"} <= names
+    assert not names & {"finetune.py", "report.py", "download.py"}
 
 
 def test_env_pins_agree_with_requirements_txt():

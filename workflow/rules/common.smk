@@ -18,11 +18,13 @@ RAW = f"{RESULTS}/raw"
 DATA = f"{RESULTS}/data"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
-SPLIT_FILES = [
-    f"{DATA}/{split}_{kind}.npy"
-    for split in ("train", "val", "test")
-    for kind in ("images", "labels")
-]
+SPLITS = ("train", "val", "test")
+
+
+def split_files(*splits):
+    return [f"{DATA}/{split}_{kind}.npy" for split in splits for kind in ("images", "labels")]
+
+
 ENCODER = f"{RESULTS}/pretrain/encoder.pt"
 RUN = "{init}/fraction{fraction}/seed{seed}"
 

@@ -23,7 +23,7 @@ rule evaluate:
 
 rule knn_probe:
     input:
-        SPLIT_FILES,
+        split_files("train", "test"),
         encoder=ENCODER,
         card=f"{DATA}/card.json",
         normalization=f"{DATA}/normalization.json",

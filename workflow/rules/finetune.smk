@@ -1,6 +1,6 @@
 rule finetune:
     input:
-        SPLIT_FILES,
+        split_files("train", "val"),
         card=f"{DATA}/card.json",
         normalization=f"{DATA}/normalization.json",
         subset=f"{DATA}/subsets/seed{{seed}}/fraction{{fraction}}.npy",

@@ -4,7 +4,7 @@ rule preprocess:
         # fetching them again from another mirror must not retrain everything downstream.
         ancient(rules.download.output),
     output:
-        SPLIT_FILES,
+        split_files(*SPLITS),
         normalization=f"{DATA}/normalization.json",
         card=f"{DATA}/card.json",
     params:

@@ -12,6 +12,8 @@ rule report:
             category="Results",
         ),
         markdown=f"{RESULTS}/report.md",
+        # Mean test accuracy per (init, label fraction), for `dvc metrics diff`.
+        metrics=f"{RESULTS}/metrics.json",
         label_efficiency=report(
             f"{RESULTS}/plots/label_efficiency.png",
             caption="../report/label_efficiency.rst",

@@ -1,0 +1,206 @@
+"""DVC versions what Snakemake produces: real git, real DVC, real Snakemake, a local remote in a
+temporary directory. The smoke experiment's outputs come from the session's real-data smoke run."""
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_pipeline.versioning import VersioningError, check_dvc_yaml, locked_outputs
+from tests.conftest import REPO, SMOKE, copy_workflow, snakemake
+
+pytestmark = pytest.mark.workflow
+VERSIONED_PARTS = [".dvc/config", ".dvcignore", ".gitignore"]
+IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.org",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.org"}
+
+
+def run(*args, cwd, check=True) -> subprocess.CompletedProcess:
+    """A command with this interpreter's environment first on PATH (dvc stages call `snakemake`)."""
+    env = {**os.environ, **IDENTITY, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args, cwd, check=True):
+    return run(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+def versioning(*args, cwd, check=True):
+    return run(sys.executable, "-m", "ssl_pipeline.versioning", *args, cwd=cwd, check=check)
+
+
+def fingerprints(workdir: Path, paths) -> dict:
+    return {path: hashlib.sha256((workdir / path).read_bytes()).hexdigest() for path in paths}
+
+
+def workspace_state(workdir: Path) -> dict:
+    """Every file under results/ with its content hash and mtime."""
+    results = workdir / "results"
+    return {str(path.relative_to(workdir)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            for path in sorted(results.rglob("*")) if path.is_file()} if results.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, real_smoke_run):
+    """A git repository of the workflow whose smoke outputs are recorded in dvc.lock and pushed.
+    Returns (repository, remote)."""
+    smoke_workdir, _ = real_smoke_run
+    root = tmp_path_factory.mktemp("dvc")
+    repo, remote = copy_workflow(root / "repo"), root / "remote"
+    for part in VERSIONED_PARTS:
+        (repo / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / part, repo / part)
+    run("git", "init", "-q", cwd=repo)
+    dvc("remote", "modify", "--local", "store", "url", str(remote), cwd=repo)
+    versioning("dvc-yaml", *SMOKE, cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "smoke experiment", cwd=repo)
+    # The smoke run, as Snakemake left it: outputs with their mtimes, and Snakemake's metadata.
+    for part in ("results", ".snakemake"):
+        shutil.copytree(smoke_workdir / part, repo / part, ignore=shutil.ignore_patterns("locks", "log"))
+    versioning("record", cwd=repo)
+    run("git", "add", "dvc.lock", cwd=repo)
+    run("git", "commit", "-qm", "record the smoke outputs", cwd=repo)
+    versioning("push", cwd=repo)
+    return repo, remote
+
+
+def fresh_clone(recorded, destination: Path) -> Path:
+    repo, remote = recorded
+    run("git", "clone", "-q", str(repo), str(destination), cwd=destination.parent)
+    dvc("remote", "modify", "--local", "store", "url", str(remote), cwd=destination)
+    return destination
+
+
+# ---------------------------------------------------------------------------------------------------
+# dvc.yaml mirrors the Snakemake DAG
+# ---------------------------------------------------------------------------------------------------
+
+def test_committed_dvc_yaml_is_what_the_snakemake_dag_gives():
+    check_dvc_yaml(REPO, [])
+
+
+def test_a_changed_rule_output_makes_the_sync_check_fail(tmp_path):
+    scratch = copy_workflow(tmp_path / "scratch")
+    shutil.copy2(REPO / "dvc.yaml", scratch / "dvc.yaml")
+    check_dvc_yaml(scratch, [])
+    # Move the pretraining outputs (the rule's, and where its consumers look for them).
+    for rules in (scratch / "workflow" / "rules").glob("*.smk"):
+        rules.write_text(rules.read_text().replace("{RESULTS}/pretrain/", "{RESULTS}/pretraining/"))
+    with pytest.raises(VersioningError, match="drifted from the Snakemake DAG") as error:
+        check_dvc_yaml(scratch, [])
+    assert "+    - results/pretraining/encoder.pt" in str(error.value)
+    assert "-    - results/pretrain/encoder.pt" in str(error.value)
+
+
+def test_stages_mirror_the_rules_and_name_config_keys_one_by_one(recorded):
+    repo, _ = recorded
+    stages = dvc("stage", "list", "--name-only", cwd=repo).stdout.split()
+    assert stages[:3] == ["download", "preprocess", "label_subset@0.1"]
+    assert {"pretrain", "knn_probe", "report", "finetune_pretrained@0.1", "finetune_scratch@1",
+            "evaluate@pretrained-0.1", "evaluate@scratch-1"} <= set(stages)
+    assert len([stage for stage in stages if stage.startswith("finetune")]) == 4  # one per run
+    lock = (repo / "dvc.lock").read_text()
+    assert "pretrain.augment.crop_scale" in lock and "pretrain.epochs" in lock
+    assert "snakemake --cores all --allowed-rules pretrain --configfile config/experiments/smoke.yaml" in lock
+
+
+# ---------------------------------------------------------------------------------------------------
+# record, push, pull
+# ---------------------------------------------------------------------------------------------------
+
+def test_after_record_dvc_and_snakemake_both_see_nothing_to_do(recorded):
+    repo, _ = recorded
+    assert "Data and pipelines are up to date" in dvc("status", cwd=repo).stdout
+    repro = dvc("repro", cwd=repo)
+    assert "Running stage" not in repro.stdout + repro.stderr
+    dry = snakemake(repo, "-n", "--cores", "1", *SMOKE)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_round_trip_through_the_remote_restores_every_output_byte_for_byte(recorded, tmp_path):
+    repo, _ = recorded
+    clone = fresh_clone(recorded, tmp_path / "clone")
+    assert not (clone / "results").exists()
+    versioning("pull", cwd=clone)
+
+    outputs = locked_outputs(repo)
+    assert {"results/pretrain/encoder.pt", "results/finetune/scratch/fraction1/seed0/model.pt",
+            "results/metrics.json", "results/evaluate/knn.json", "results/data/train_images.npy"} <= set(outputs)
+    assert fingerprints(clone, outputs) == fingerprints(repo, outputs)
+
+    dry = snakemake(clone, "-n", "--cores", "1", *SMOKE)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    real = snakemake(clone, "--cores", "1", *SMOKE)
+    assert "Nothing to be done" in real.stdout + real.stderr
+    assert "localrule" not in real.stderr and "rule pretrain" not in real.stderr
+
+
+def test_a_tampered_checkpoint_is_reported_by_dvc_status(recorded, tmp_path):
+    clone = fresh_clone(recorded, tmp_path / "clone")
+    versioning("pull", cwd=clone)
+    encoder = clone / "results" / "pretrain" / "encoder.pt"
+    encoder.write_bytes(encoder.read_bytes() + b"tampered")
+    status = dvc("status", cwd=clone).stdout
+    assert "pretrain:" in status and "modified:           results/pretrain/encoder.pt" in status
+
+
+@pytest.mark.parametrize("remote", ["empty", "unreachable"])
+def test_pulling_from_a_bad_remote_fails_clearly_and_leaves_the_workspace_alone(recorded, tmp_path, remote):
+    clone = fresh_clone(recorded, tmp_path / "clone")
+    url = {"empty": str(tmp_path / "empty-remote"), "unreachable": "http://127.0.0.1:9/store"}[remote]
+    (tmp_path / "empty-remote").mkdir()
+    dvc("remote", "modify", "--local", "store", "url", url, cwd=clone)
+    notes = clone / "results" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("a researcher's own file\n")
+    before = workspace_state(clone)
+
+    result = versioning("pull", cwd=clone, check=False)
+    assert result.returncode == 1
+    assert "could not fetch the outputs recorded in dvc.lock from the DVC remote" in result.stderr
+    assert "the workspace was left as it was" in result.stderr
+    assert workspace_state(clone) == before
+
+
+def test_record_refuses_outputs_that_snakemake_would_still_rebuild(recorded, tmp_path):
+    clone = fresh_clone(recorded, tmp_path / "clone")
+    versioning("pull", cwd=clone)
+    config = clone / "config" / "config.yaml"
+    config.write_text(config.read_text().replace("knn_k: 20", "knn_k: 7"))
+    result = versioning("record", cwd=clone, check=False)
+    assert result.returncode == 1 and "Snakemake would still run jobs" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiments
+# ---------------------------------------------------------------------------------------------------
+
+def test_an_experiment_reruns_only_the_stages_its_key_affects(recorded, tmp_path):
+    clone = fresh_clone(recorded, tmp_path / "clone")
+    versioning("pull", cwd=clone)
+    experiment = dvc("exp", "run", "-n", "knn-k-5", "-S", "config/config.yaml:evaluate.knn_k=5", cwd=clone)
+    ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"knn_probe", "report"}
+
+    table = list(csv.DictReader(io.StringIO(dvc("exp", "show", "--csv", cwd=clone).stdout)))
+    knn_k = {row["Experiment"] or row["rev"]: row["evaluate.knn_k"] for row in table}
+    assert knn_k["knn-k-5"] == "5" and knn_k["workspace"] == "5"
+    assert [row["k"] for row in table if row["Experiment"] == "knn-k-5"] == ["5"]
+
+    diff = json.loads(dvc("metrics", "diff", "--json", cwd=clone).stdout)
+    assert diff["results/evaluate/knn.json"]["k"] == {"old": 20, "new": 5, "diff": -15}
+    assert "encoder_accuracy" in diff["results/evaluate/knn.json"]
+
+    dvc("plots", "diff", "-o", str(tmp_path / "plots"), cwd=clone)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "pretraining loss" in page and "fine-tuning validation accuracy" in page
