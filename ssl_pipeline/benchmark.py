@@ -336,7 +336,6 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         "threads": runtime.threads,
         "precision": str(runtime.autocast_dtype).replace("torch.", ""),
     }
-    del trainer  # shuts the DataLoader workers down
     return result
 
 
@@ -364,9 +363,11 @@ def measure_in_child(stage, implementation, workers, config, raw_dir, compute, p
         peak_rss = max(peak_rss, tree_memory(child.pid, "rss"))
     try:
         result = receiver.recv()
-    except EOFError:
-        result = {"error": f"the measuring process died with exit code {child.join() or child.exitcode}"}
+    except EOFError:  # it died before sending anything
+        result = None
     child.join()
+    if result is None:
+        result = {"error": f"the measuring process died with exit code {child.exitcode}"}
     if "error" in result:
         raise RuntimeError(f"measuring {stage} {implementation} (workers={workers}) failed:\n{result['error']}")
     # Sampled every RSS_SAMPLE_SECONDS; a page shared by the workers counts once per process.
@@ -567,13 +568,20 @@ def profile(config: dict, raw_dir, compute: dict, stage: str, implementation: st
     if runtime.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
         for _ in range(steps):
             trainer.step()
         synchronize(runtime.device)
+        seconds = time.perf_counter() - started
+    events = {event.key: event for event in profiler.key_averages()}
+    lines = [f"{stage} {implementation} (workers={trainer.workers}), {steps} steps of {trainer.images_per_step} images, "
+             f"{runtime.device}, {threads(runtime.threads)}, autocast {runtime.autocast_dtype}: "
+             f"{1000 * seconds / steps:.1f} ms per step (profiled)"]
+    for phase in ("batch", "augment+loss", "update"):  # the record_function labels of Trainer.step
+        milliseconds = events[phase].cpu_time_total / 1000 / steps
+        lines.append(f"  {phase:<13} {milliseconds:8.1f} ms per step, {milliseconds / (10 * seconds / steps):5.1f}%")
     sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
-    heading = (f"{stage} {implementation} (workers={trainer.workers}), {steps} steps of {trainer.images_per_step} "
-               f"images, {runtime.device}, {runtime.threads} threads, autocast {runtime.autocast_dtype}\n")
-    return heading + profiler.key_averages().table(sort_by=sort, row_limit=30)
+    return "\n".join(lines) + "\n" + profiler.key_averages().table(sort_by=sort, row_limit=30)
 
 
 # ---------------------------------------------------------------------------------------------------
