@@ -274,6 +274,25 @@ def locked_outputs(workdir: Path) -> list:
     return [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
 
 
+def missing_from_cache(workdir: Path) -> list:
+    """Outputs of dvc.lock whose content is not in DVC's local cache."""
+    from dvc.repo import Repo
+
+    stages = yaml.safe_load((Path(workdir) / "dvc.lock").read_text())["stages"]
+    with Repo(str(workdir)) as repo:
+        return [out["path"] for stage in stages.values() for out in stage.get("outs", [])
+                if not repo.cache.repo.exists(out["md5"])]
+
+
+def describe_remote(workdir: Path, remote=None) -> str:
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        name = remote or repo.config["core"].get("remote")
+        url = repo.config["remote"].get(name, {}).get("url", "?")
+    return f"'{name}' ({url})"
+
+
 def record(workdir: Path) -> None:
     """dvc commit, once dvc.yaml matches the DAG and Snakemake has nothing left to run."""
     check_dvc_yaml(workdir, configfiles_of(workdir))
@@ -300,9 +319,15 @@ def pull(workdir: Path, remote=None) -> None:
     DVC confirms that they are what this commit's config and code produce."""
     remote_args = ["--remote", remote] if remote else []
     outputs = locked_outputs(workdir)
-    run_tool(["dvc", "fetch", *remote_args], workdir,
-             "could not fetch the outputs recorded in dvc.lock from the DVC remote; "
-             "the workspace was left as it was.")
+    failure = "could not fetch the outputs recorded in dvc.lock from the DVC remote; the workspace was left as it was."
+    fetch = run_tool(["dvc", "fetch", *remote_args], workdir, failure)
+    # dvc fetch exits 0 (with a warning) when the remote lacks files or cannot be reached at all.
+    missing = missing_from_cache(workdir)
+    if missing:
+        warnings = [line for line in (fetch.stdout + fetch.stderr).splitlines() if line.startswith("WARNING")]
+        raise VersioningError(f"{failure}\n{len(missing)} of {len(outputs)} outputs are neither in the local cache "
+                              f"nor on remote {describe_remote(workdir, remote)}, e.g. {missing[:3]}.\n"
+                              + "\n".join(warnings[:1]))
     run_tool(["dvc", "checkout"], workdir, "dvc checkout failed after a successful fetch.")
     changed = json.loads(run_tool(["dvc", "status", "--json"], workdir, "dvc status failed.").stdout)
     if changed:

@@ -59,14 +59,14 @@ def recorded(tmp_path_factory, real_smoke_run):
     for part in VERSIONED_PARTS:
         (repo / part).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / part, repo / part)
+    # The smoke run, as Snakemake left it: outputs with their mtimes, and Snakemake's metadata.
+    for part in ("results", ".snakemake"):
+        shutil.copytree(smoke_workdir / part, repo / part, ignore=shutil.ignore_patterns("locks", "log"))
     run("git", "init", "-q", cwd=repo)
     dvc("remote", "modify", "--local", "store", "url", str(remote), cwd=repo)
     versioning("dvc-yaml", *SMOKE, cwd=repo)
     run("git", "add", "-A", cwd=repo)
     run("git", "commit", "-qm", "smoke experiment", cwd=repo)
-    # The smoke run, as Snakemake left it: outputs with their mtimes, and Snakemake's metadata.
-    for part in ("results", ".snakemake"):
-        shutil.copytree(smoke_workdir / part, repo / part, ignore=shutil.ignore_patterns("locks", "log"))
     versioning("record", cwd=repo)
     run("git", "add", "dvc.lock", cwd=repo)
     run("git", "commit", "-qm", "record the smoke outputs", cwd=repo)
@@ -111,7 +111,8 @@ def test_stages_mirror_the_rules_and_name_config_keys_one_by_one(recorded):
     assert len([stage for stage in stages if stage.startswith("finetune")]) == 4  # one per run
     lock = (repo / "dvc.lock").read_text()
     assert "pretrain.augment.crop_scale" in lock and "pretrain.epochs" in lock
-    assert "snakemake --cores all --allowed-rules pretrain --configfile config/experiments/smoke.yaml" in lock
+    pipeline = (repo / "dvc.yaml").read_text()
+    assert "cmd: snakemake --cores all --allowed-rules pretrain --configfile config/experiments/smoke.yaml" in pipeline
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ def test_pulling_from_a_bad_remote_fails_clearly_and_leaves_the_workspace_alone(
     assert result.returncode == 1
     assert "could not fetch the outputs recorded in dvc.lock from the DVC remote" in result.stderr
     assert "the workspace was left as it was" in result.stderr
+    assert f"nor on remote 'store' ({url})" in result.stderr
     assert workspace_state(clone) == before
 
 
