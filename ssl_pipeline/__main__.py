@@ -51,8 +51,11 @@ def run_label_subset(args):
 
 
 def run_pretrain(args):
+    from ssl_pipeline.distributed import processes_for, relaunch_under_torchrun
     from ssl_pipeline.pretrain import pretrain
 
+    # Several processes: this one becomes torchrun, which runs this same command once per process.
+    relaunch_under_torchrun(processes_for(args.settings["pretrain"]["processes"], args.gpus), sys.argv[1:])
     pretrain(args.train_images, args.normalization, args.checkpoint, args.curve,
              args.settings["pretrain"], args.settings["model"], compute_of(args))
 
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--normalization", required=True)
     add_settings(stage, "pretrain, model, compute")
     add_threads(stage)
+    stage.add_argument("--gpus", type=int, default=0,
+                       help="GPUs the scheduler granted the job; with pretrain.processes 'auto', one "
+                            "data-parallel process per GPU")
     stage.add_argument("--checkpoint", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_pretrain)

@@ -1,20 +1,36 @@
 """Self-supervised objectives. Each is a module that owns its head and turns the encoder's features of
 two views into a loss; add a new one to OBJECTIVES and name it in config key pretrain.objective."""
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
+class _GatherFromAllRanks(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own rows, summed over the ranks
+    (each rank's loss depends on every rank's rows). Works on every backend, gloo included."""
+
+    @staticmethod
+    def forward(ctx, z):  # (B, D) on each rank -> (world_size * B, D), rank 0's rows first
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # (world_size * B, D) -> (B, D)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather_from_all_ranks(z: torch.Tensor) -> torch.Tensor:
     """Concatenate `z` across data-parallel ranks, keeping the gradient of this rank's part, so the
-    contrastive loss sees every rank's negatives as SimCLR does across devices. Identity without DDP."""
-    import torch.distributed as dist
-
+    contrastive loss sees every rank's negatives as SimCLR does across devices. Identity without DDP.
+    Every rank then computes the same loss over the whole global batch; the backward sum over ranks
+    and DDP's average over ranks together give exactly the gradient of that one loss."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z), dim=0)
+    return _GatherFromAllRanks.apply(z)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

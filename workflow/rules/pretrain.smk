@@ -1,4 +1,6 @@
-# Reads the training images and their statistics only: never a label file.
+# Reads the training images and their statistics only: never a label file. Given more than one GPU
+# (e.g. --set-resources pretrain:gpu=4), it runs one data-parallel process per GPU (config
+# pretrain.processes).
 rule pretrain:
     input:
         images=f"{DATA}/train_images.npy",
@@ -22,4 +24,4 @@ rule pretrain:
     shell:
         "python -m ssl_pipeline pretrain --train-images {input.images}"
         " --normalization {input.normalization} --settings {params.settings:q} --threads {threads}"
-        " --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"
+        " --gpus {resources.gpu} --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"

@@ -1,0 +1,101 @@
+"""Data-parallel pretraining on the GPUs of one node, with DistributedDataParallel.
+
+`python -m ssl_pipeline pretrain` hands itself to torchrun when it is to run as several processes
+(config key pretrain.processes, by default one per GPU the job's resources ask for). Each process
+(rank) joins the process group, trains on its own shard of the images, which live on its device,
+and averages gradients with the others; rank 0 alone writes the outputs. The contrastive loss sees
+the projections of every rank (objectives.gather_from_all_ranks). On the CPU, gloo stands in for
+NCCL: that is how the tests run two ranks without a GPU.
+"""
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger(__name__)
+
+
+def processes_for(setting, gpus: int) -> int:
+    """config pretrain.processes ('auto' or a count) and the GPUs of the job -> processes to run."""
+    return max(1, gpus) if setting == "auto" else int(setting)
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def torchrun_command(processes: int, argv: list) -> list:
+    """`python -m ssl_pipeline <argv>` as `processes` ranks on this node. `python -m
+    torch.distributed.run` is torchrun, found through this interpreter rather than PATH; --standalone
+    picks a free port, so several such jobs can share a node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "ssl_pipeline", *argv]
+
+
+def relaunch_under_torchrun(processes: int, argv: list) -> None:
+    """Replace this process by torchrun running `processes` copies of it. Returns (doing nothing) when
+    one process is asked for, or when this process already is one of torchrun's."""
+    if processes <= 1 or under_torchrun():
+        return
+    command = torchrun_command(processes, argv)
+    log.info("starting %d data-parallel processes: %s", processes, " ".join(command))
+    # torchrun's own default, set to keep its banner out of the log; each rank sets its threads itself.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_ranks() -> Ranks:
+    """This process's place among torchrun's (read from the environment torchrun sets)."""
+    if not under_torchrun():
+        return Ranks()
+    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def join(ranks: Ranks, device: torch.device) -> None:
+    """Join the process group of torchrun's ranks: NCCL between GPUs, gloo between CPU processes."""
+    if ranks.world_size == 1:
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log.info("rank %d of %d joined the process group (%s) on %s", ranks.rank, ranks.world_size,
+             dist.get_backend(), device)
+    if not ranks.is_main:
+        # Every rank logs the same loss; rank 0 speaks for them, the others only warn.
+        logging.getLogger("ssl_pipeline").setLevel(logging.WARNING)
+
+
+def leave(ranks: Ranks) -> None:
+    if ranks.world_size == 1:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def shard(images: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """This rank's images: every world_size-th one from its rank on (so each shard mixes all classes
+    even when the file is sorted), cut to the same count on every rank, since DDP needs every rank in
+    every step. (N, ...) -> (N // world_size, ...)."""
+    per_rank = len(images) // ranks.world_size
+    return images[ranks.rank::ranks.world_size][:per_rank].contiguous()
+
+
+def data_parallel(module: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """`module` with its gradients averaged over the ranks after every backward pass."""
+    if ranks.world_size == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)

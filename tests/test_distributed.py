@@ -1,0 +1,204 @@
+"""Data-parallel pretraining on the CPU with the gloo backend, and how training processes pick devices.
+
+Two processes stand in for two GPUs: the DDP gradient must equal the single-process gradient of the
+same global batch, and `python -m ssl_pipeline pretrain` with two processes must train and write a
+checkpoint that loads.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ssl_pipeline import distributed
+from ssl_pipeline.models import build_encoder
+from ssl_pipeline.objectives import build_objective
+from ssl_pipeline.preprocess import preprocess
+from ssl_pipeline.pretrain import pretrain
+from ssl_pipeline.runtime import (FAIL_ONCE, claim_free_gpu, fail_once_if_asked, release_gpus,
+                                  select_device)
+from ssl_pipeline.training import load_checkpoint
+from tests.conftest import REPO, write_synthetic_idx
+
+MODEL = {"widths": [8, 16], "convs_per_stage": 1, "pool_size": 2}
+SIMCLR = {"temperature": 0.5, "projection_hidden_dim": 32, "projection_dim": 16}
+PRETRAIN = {
+    "objective": "simclr", "epochs": 6, "batch_size": 64, "learning_rate": 0.003, "weight_decay": 0.0,
+    "warmup_epochs": 0, "seed": 0, "processes": 2, "simclr": SIMCLR,
+    "augment": {"crop_scale": [0.5, 1.0], "crop_ratio": [0.75, 1.3333], "flip": True,
+                "brightness_contrast": 0.2, "erase_probability": 0.0},
+}
+COMPUTE = {"device": "auto", "require_gpu": False, "precision": "fp32"}
+
+
+# ---- sharding and launching ----------------------------------------------------------------------
+
+def test_shards_are_disjoint_equal_and_cover_every_class_of_a_sorted_file():
+    labels = torch.arange(3).repeat_interleave(7)  # sorted by class, 21 items
+    shards = [distributed.shard(labels, distributed.Ranks(rank, 2)) for rank in range(2)]
+    assert [len(s) for s in shards] == [10, 10]
+    indices = [distributed.shard(torch.arange(21), distributed.Ranks(rank, 2)) for rank in range(2)]
+    assert not set(indices[0].tolist()) & set(indices[1].tolist())
+    assert all(set(s.tolist()) == {0, 1, 2} for s in shards)
+    whole = distributed.shard(labels, distributed.Ranks())
+    assert torch.equal(whole, labels)
+
+
+def test_processes_follow_the_gpus_of_the_job_unless_config_names_a_count():
+    assert distributed.processes_for("auto", 0) == 1
+    assert distributed.processes_for("auto", 1) == 1
+    assert distributed.processes_for("auto", 4) == 4
+    assert distributed.processes_for(2, 0) == 2
+
+
+def test_torchrun_runs_the_same_command_once_per_process():
+    command = distributed.torchrun_command(4, ["pretrain", "--threads", "8"])
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=4" in command and "--standalone" in command
+    assert command[-5:] == ["-m", "ssl_pipeline", "pretrain", "--threads", "8"]
+
+
+# ---- the gradient of the all-gathered contrastive loss -------------------------------------------
+
+def ddp_gradients(rank, world_size, init_file, features, out_dir):
+    """One rank: its shard of `features` through a DDP-wrapped SimCLR head; saves the averaged grads."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    objective = build_objective("simclr", features.shape[-1], SIMCLR).eval()  # BN on running stats
+    parallel = distributed.data_parallel(objective, distributed.Ranks(rank, world_size), torch.device("cpu"))
+    view1, view2 = (view[rank::world_size] for view in features)  # (B / W, F) each
+    loss = parallel(view1, view2)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in objective.named_parameters()}},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_gradient_of_the_gathered_loss_equals_the_single_process_gradient(tmp_path):
+    """Each rank computes NT-Xent over all ranks' projections; the all-gather's backward sums over the
+    ranks and DDP averages, which must give exactly the gradient of one process on the whole batch."""
+    world_size, batch = 2, 8
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, batch, 24, generator=generator)  # (views, B, F)
+    mp.spawn(ddp_gradients, args=(world_size, tmp_path / "init", features, tmp_path), nprocs=world_size)
+
+    torch.manual_seed(0)
+    reference = build_objective("simclr", 24, SIMCLR).eval()
+    # The gather puts rank 0's rows first: the same global batch, in that order.
+    order = torch.cat([torch.arange(batch)[rank::world_size] for rank in range(world_size)])
+    loss = reference(features[0][order], features[1][order])
+    loss.backward()
+    for rank in range(world_size):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["loss"], loss.detach())
+        for name, parameter in reference.named_parameters():
+            torch.testing.assert_close(result["grads"][name], parameter.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---- two-process pretraining through the command line --------------------------------------------
+
+@pytest.fixture(scope="module")
+def unlabeled_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    files = write_synthetic_idx(root / "raw", num_classes=3, size=12, train_per_class=80, compress=False)
+    preprocess({role: root / "raw" / spec["name"] for role, spec in files.items()}, root / "data",
+               "synthetic", 0.25, split_seed=0)
+    return root / "data"
+
+
+def run_pretrain_command(data_dir, out_dir, settings, threads=2, gpus=0, env=None):
+    command = [sys.executable, "-m", "ssl_pipeline", "pretrain",
+               "--train-images", str(data_dir / "train_images.npy"),
+               "--normalization", str(data_dir / "normalization.json"),
+               "--settings", json.dumps({"pretrain": settings, "model": MODEL, "compute": COMPUTE}),
+               "--threads", str(threads), "--gpus", str(gpus),
+               "--checkpoint", str(out_dir / "encoder.pt"), "--curve", str(out_dir / "curve.csv")]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    environment.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(command, cwd=out_dir, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_pretrain_on_their_shards_and_rank_0_writes_a_checkpoint_that_loads(
+        unlabeled_images, tmp_path):
+    result = run_pretrain_command(unlabeled_images, tmp_path, PRETRAIN)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "starting 2 data-parallel processes" in log
+    assert "rank 0 of 2 joined the process group (gloo)" in log
+    assert "rank 1 of 2 joined the process group (gloo)" in log
+    # 180 training images: a shard of 90 per rank, a global batch of 64 split into 32 per rank.
+    assert "pretraining simclr on 180 images, 6 epochs of 2 steps, in 2 data-parallel process(es)" in log
+    curve = (tmp_path / "curve.csv").read_text().splitlines()[1:]
+    losses = [float(line.split(",")[1]) for line in curve]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.2
+    checkpoint = load_checkpoint(tmp_path / "encoder.pt")
+    assert checkpoint["config"]["pretrain"]["processes"] == 2
+    encoder = build_encoder(MODEL, checkpoint["in_channels"])
+    encoder.load_state_dict(checkpoint["encoder"])  # strict: the DDP wrapper left no prefix behind
+    assert encoder(torch.zeros(2, 1, 12, 12)).shape == (2, encoder.feature_dim)
+
+
+def test_the_global_batch_must_split_evenly_over_the_processes(unlabeled_images, tmp_path, monkeypatch):
+    for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2"}.items():  # as torchrun sets
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"pretrain.batch_size \(63\) must be divisible by the 2 data-parallel"):
+        pretrain(unlabeled_images / "train_images.npy", unlabeled_images / "normalization.json",
+                 tmp_path / "encoder.pt", tmp_path / "curve.csv", {**PRETRAIN, "batch_size": 63}, MODEL,
+                 {**COMPUTE, "threads": 1})
+
+
+# ---- devices a scheduler hands out ---------------------------------------------------------------
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
+
+
+@needs_no_cuda
+def test_a_gpu_granted_by_the_scheduler_but_unusable_is_a_clear_warning_and_the_cpu(caplog, monkeypatch):
+    """Slurm's --gpus=1 sets CUDA_VISIBLE_DEVICES; with config device auto that counts as asking."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with caplog.at_level(logging.WARNING):
+        assert select_device("auto", require_gpu=False) == torch.device("cpu")
+    assert "CUDA_VISIBLE_DEVICES='0' but torch finds no usable CUDA device; falling back to the CPU" in caplog.text
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("visible", [None, "", "-1"])
+def test_no_gpu_asked_for_means_the_cpu_without_a_warning(caplog, monkeypatch, visible):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with caplog.at_level(logging.WARNING):
+        assert select_device("auto", require_gpu=False) == torch.device("cpu")
+    assert caplog.text == ""
+
+
+def test_each_process_claims_a_gpu_no_other_holds(tmp_path):
+    gpus = ["GPU-a", "GPU-b"]
+    try:
+        assert claim_free_gpu(gpus, tmp_path) == 0
+        # Another process: the lock of GPU-a is held, so it gets GPU-b, then nothing.
+        claim = [sys.executable, "-c", "from ssl_pipeline.runtime import claim_free_gpu; "
+                 f"print(claim_free_gpu({gpus!r}, {str(tmp_path)!r}))"]
+        other = subprocess.run(claim, cwd=REPO, capture_output=True, text=True, check=True)
+        assert other.stdout.strip() == "1"  # its lock went with it when it exited
+        assert claim_free_gpu(gpus, tmp_path) == 1
+        assert claim_free_gpu(gpus, tmp_path) is None
+    finally:
+        release_gpus()
+    assert claim_free_gpu(gpus, tmp_path) == 0
+    release_gpus()
+
+
+def test_the_failure_switch_fails_the_first_attempt_only(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAIL_ONCE, str(tmp_path / "failed-once"))
+    with pytest.raises(RuntimeError, match="failure injected by the test switch SSL_PIPELINE_FAIL_ONCE"):
+        fail_once_if_asked("pretrain")
+    fail_once_if_asked("pretrain")
+    monkeypatch.delenv(FAIL_ONCE)
+    fail_once_if_asked("pretrain")
