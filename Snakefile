@@ -20,6 +20,12 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# Fetching data and writing the report run where Snakemake runs (a cluster's login node), not as jobs.
+localrules:
+    download,
+    report,
+
+
 rule all:
     input:
         report_outputs(),
