@@ -1,0 +1,230 @@
+"""The workflow on a real Slurm cluster through profiles/slurm, and the profiles themselves.
+
+The cluster is one node on this machine with a pretend GPU (.ci/start-slurm): a job asking for a GPU
+is scheduled on it and sees CUDA_VISIBLE_DEVICES, but torch finds no CUDA device behind it, so
+training falls back to the CPU and its numbers must equal those of a local run.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from snakemake.profiles import ProfileConfigFileParser
+
+from tests.conftest import REPO, SMOKE, copy_workflow, require, snakemake, write_synthetic_idx
+
+pytestmark = pytest.mark.workflow
+
+# Threads per job: the local reference run has --cores 2, and the test node may have only 2 CPUs.
+# Status checks every second instead of the plugin's cluster-friendly 40 s.
+SLURM = ("--workflow-profile", "profiles/slurm", "--max-threads", "2",
+         "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1")
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
+LOCAL_RULES = {"download", "report"}
+CLUSTER_RULES = {"preprocess", "label_subset", "pretrain", "finetune", "evaluate", "knn_probe"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The profiles, as Snakemake reads them
+# ---------------------------------------------------------------------------------------------------
+
+def read_profile(name, monkeypatch, **environment):
+    for variable in ("CUDA_VISIBLE_DEVICES", "SBATCH_PARTITION", "SBATCH_ACCOUNT"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with open(REPO / "profiles" / name / "config.yaml") as handle:
+        return dict(ProfileConfigFileParser().parse(handle))
+
+
+@pytest.mark.parametrize("visible, cap", [("0", ["gpu=1"]), ("0,1,2", ["gpu=3"]), ("1,-1,2", ["gpu=1"]),
+                                          ("", None)])
+def test_the_default_profile_caps_gpu_jobs_at_the_visible_gpus(monkeypatch, visible, cap):
+    profile = read_profile("default", monkeypatch, CUDA_VISIBLE_DEVICES=visible)
+    assert profile.get("resources") == cap
+    assert profile["cores"] == "all"
+
+
+def test_the_slurm_profile_takes_partition_and_account_from_slurms_variables(monkeypatch):
+    bare = read_profile("slurm", monkeypatch)
+    assert bare["executor"] == "slurm" and bare["slurm-status-command"] == "squeue"
+    assert bare["default-resources"] == ["runtime=30", "mem_mb=2048"]
+    assert "pretrain:gpu=1" in bare["set-resources"] and "finetune:gpu=1" in bare["set-resources"]
+    assert "pretrain:mem_mb=4096 * attempt" in bare["set-resources"]
+    site = read_profile("slurm", monkeypatch, SBATCH_PARTITION="gpu", SBATCH_ACCOUNT="lab42")
+    assert {"slurm_partition='gpu'", "slurm_account='lab42'"} <= set(site["default-resources"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real cluster
+# ---------------------------------------------------------------------------------------------------
+
+def cluster_answers() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    nodes = subprocess.run(["sinfo", "--noheader", "--states=idle,mixed,allocated", "--format=%n"],
+                           capture_output=True, text=True)
+    return nodes.returncode == 0 and bool(nodes.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    require(cluster_answers(), "no Slurm cluster answers (sinfo): install slurm-wlm and munge, run .ci/start-slurm")
+
+
+def copy_workflow_with_profiles(destination: Path) -> Path:
+    workdir = copy_workflow(destination)
+    shutil.copytree(REPO / "profiles", workdir / "profiles")
+    return workdir
+
+
+def submissions(output: str) -> list:
+    """(Snakemake job id, Slurm job id, rule, Slurm log) of every job Snakemake submitted."""
+    return [(int(job), slurm_id, re.search(r"/rule_(\w+)/", log).group(1), Path(log))
+            for job, slurm_id, log in SUBMITTED.findall(output)]
+
+
+def slurm_job(slurm_id: str) -> str:
+    """What slurmctld knows of a job (it forgets finished ones after MinJobAge, 300 s by default)."""
+    return subprocess.run(["scontrol", "--oneliner", "show", "job", slurm_id], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def rules_started(output: str, kind: str) -> list:
+    """Rules of the jobs Snakemake started as `kind` ('rule': cluster jobs, 'localrule': here)."""
+    return re.findall(rf"^{kind} (\w+):$", output, re.M)
+
+
+def test_smoke_experiment_on_slurm_matches_the_local_run(slurm_cluster, real_smoke_run, tmp_path):
+    local, local_seconds = real_smoke_run
+    workdir = copy_workflow_with_profiles(tmp_path / "workflow")
+    started = time.perf_counter()
+    result = snakemake(workdir, *SLURM, *SMOKE)
+    print(f"smoke DAG: local {local_seconds:.1f} s, one-node Slurm {time.perf_counter() - started:.1f} s")
+    output = result.stdout + result.stderr
+
+    # Every non-local rule ran as a Slurm job, with its job id in Snakemake's log and a Slurm log.
+    jobs = submissions(output)
+    assert sorted(rule for _, _, rule, _ in jobs) == sorted(rules_started(output, "rule"))
+    assert {rule for _, _, rule, _ in jobs} == CLUSTER_RULES
+    assert len(jobs) == 13  # preprocess, 2 label subsets, pretrain, 4 finetune, 4 evaluate, knn probe
+    assert set(rules_started(output, "localrule")) == LOCAL_RULES | {"all"}
+    (log_file,) = (workdir / ".snakemake" / "log").glob("*.snakemake.log")
+    assert submissions(log_file.read_text()) == jobs
+    for _, slurm_id, rule, slurm_log in jobs:
+        assert f"rule_{rule}" in slurm_log.parts and slurm_log.name == f"{slurm_id}.log"
+        assert "Finished jobid" in slurm_log.read_text(), slurm_log  # Snakemake ran the job on the node
+
+    # The training jobs were given a GPU (CUDA_VISIBLE_DEVICES in their environment), found no CUDA
+    # behind it and said so; the other jobs were given none.
+    logs = workdir / "results" / "logs"
+    gpu_logs = [logs / "pretrain.log", *sorted((logs / "finetune").rglob("*.log"))]
+    assert len(gpu_logs) == 5
+    for log in gpu_logs:
+        assert "CUDA_VISIBLE_DEVICES='0' but torch finds no usable CUDA device; falling back to the CPU" \
+            in log.read_text(), log
+    for log in [logs / "knn_probe.log", *sorted((logs / "evaluate").rglob("*.log"))]:
+        assert "CUDA_VISIBLE_DEVICES" not in log.read_text(), log
+
+    # Same numbers as the local run: the CPU path is deterministic.
+    results, reference = workdir / "results", local / "results"
+    assert (results / "summary.csv").read_text() == (reference / "summary.csv").read_text()
+    for metrics in sorted(reference.glob("evaluate/**/*.json")):
+        relative = metrics.relative_to(reference)
+        assert json.loads((results / relative).read_text()) == json.loads(metrics.read_text()), relative
+    for checkpoint in ["pretrain/encoder.pt", *[p.relative_to(reference).as_posix()
+                                                for p in sorted(reference.glob("finetune/**/model.pt"))]]:
+        ours, theirs = (torch.load(root / checkpoint, weights_only=True) for root in (results, reference))
+        weights = "encoder" if checkpoint.startswith("pretrain") else "model"
+        for key, value in theirs[weights].items():
+            torch.testing.assert_close(ours[weights][key], value, rtol=0, atol=0, msg=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failures: a retried job, a cancelled job
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def synthetic_workflow(tmp_path):
+    """A copy of the workflow with profiles, configured for a tiny synthetic dataset in a local mirror;
+    returns (workdir, config arguments)."""
+    workdir = copy_workflow_with_profiles(tmp_path / "workflow")
+    files = write_synthetic_idx(tmp_path / "mirror", num_classes=3, size=12, train_per_class=40)
+    override = {
+        "dataset": {"name": "synthetic", "mirrors": [str(tmp_path / "mirror")], "files": files,
+                    "class_names": []},
+        "data": {"validation_fraction": 0.25},
+        "finetune": {"label_fractions": [1.0], "seeds": [0], "inits": ["pretrained"], "min_steps": 5},
+    }
+    (workdir / "synthetic.yaml").write_text(yaml.safe_dump(override))
+    return workdir, ("--configfile", "config/experiments/smoke.yaml", "synthetic.yaml")
+
+
+ENCODER = "results/pretrain/encoder.pt"
+
+
+def running_job_of_rule(rule: str, timeout: float = 240) -> str:
+    """The Slurm id of the first running job of `rule` (the plugin puts the rule in the job's comment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i|%k"],
+                               capture_output=True, text=True, check=True).stdout
+        for line in queue.splitlines():
+            slurm_id, comment = line.split("|", 1)
+            if comment == f"rule_{rule}":
+                return slurm_id
+        time.sleep(0.5)
+    raise AssertionError(f"no job of rule {rule} ran within {timeout} s")
+
+
+def test_a_cancelled_job_fails_the_run_then_the_rerun_retries_a_failed_job(slurm_cluster, synthetic_workflow,
+                                                                            tmp_path):
+    """One workflow for both failures, since every Slurm run here costs tens of seconds."""
+    workdir, config = synthetic_workflow
+    (workdir / "slow.yaml").write_text(yaml.safe_dump({"pretrain": {"epochs": 60}}))  # time to cancel it
+    arguments = (ENCODER, *SLURM, *config, "slow.yaml")
+
+    # ---- scancel a running job: Snakemake stops and says which job and why -------------------------
+    # No retries here, or Snakemake would submit the cancelled job again.
+    run = subprocess.Popen([sys.executable, "-m", "snakemake", *arguments, "--retries", "0"], cwd=workdir,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    try:
+        cancelled = running_job_of_rule("pretrain")
+        subprocess.run(["scancel", cancelled], check=True)
+        output, _ = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0
+    assert "Error in rule pretrain" in output
+    assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in output
+    # What the cancelled job had asked Slurm for: the profile's GPU, memory and time of a first attempt.
+    job = slurm_job(cancelled)
+    assert "TresPerJob=gres:gpu:1" in job and "MinMemoryNode=4G" in job and "TimeLimit=02:00:00" in job
+    finished = {path: path.stat().st_mtime_ns for path in (workdir / "results" / "data").iterdir()}
+    assert finished and not (workdir / ENCODER).exists()
+
+    # ---- the rerun: only the missing job runs; failing once, it is retried with more resources ------
+    marker = tmp_path / "pretrain-failed-once"
+    rerun = snakemake(workdir, *arguments, env={"SSL_PIPELINE_FAIL_ONCE": str(marker)})
+    output = rerun.stdout + rerun.stderr
+    assert (workdir / ENCODER).exists() and marker.exists()
+    jobs = submissions(output)
+    assert [rule for _, _, rule, _ in jobs] == ["pretrain", "pretrain"], output
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished  # preprocess did not rerun
+    first, second = (slurm_job(slurm_id) for _, slurm_id, _, _ in jobs)
+    assert "JobState=FAILED" in first and "JobState=COMPLETED" in second
+    assert f"SLURM-job '{jobs[0][1]}' failed, SLURM status is: 'FAILED'" in output
+    # The profile's resources grow with the attempt: 4 GB and 2 h, then twice that; a GPU each time.
+    assert "MinMemoryNode=4G" in first and "TimeLimit=02:00:00" in first
+    assert "MinMemoryNode=8G" in second and "TimeLimit=04:00:00" in second
+    assert "TresPerJob=gres:gpu:1" in first and "TresPerJob=gres:gpu:1" in second
+    assert "the injected failure already happened" in (workdir / "results" / "logs" / "pretrain.log").read_text()
