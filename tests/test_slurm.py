@@ -170,15 +170,16 @@ def synthetic_workflow(tmp_path):
 ENCODER = "results/pretrain/encoder.pt"
 
 
-def running_job_of_rule(rule: str, timeout: float = 240) -> str:
-    """The Slurm id of the first running job of `rule` (the plugin puts the rule in the job's comment)."""
+def running_job_of_rule(rule: str, workdir: Path, timeout: float = 240) -> str:
+    """The Slurm id of the first running job of `rule` (the plugin puts the rule in the job's comment)
+    submitted from `workdir`, waiting for it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i|%k"],
+        queue = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i|%k|%Z"],
                                capture_output=True, text=True, check=True).stdout
         for line in queue.splitlines():
-            slurm_id, comment = line.split("|", 1)
-            if comment == f"rule_{rule}":
+            slurm_id, comment, job_workdir = line.split("|", 2)
+            if comment == f"rule_{rule}" and Path(job_workdir) == workdir:
                 return slurm_id
         time.sleep(0.5)
     raise AssertionError(f"no job of rule {rule} ran within {timeout} s")
@@ -197,7 +198,7 @@ def test_a_cancelled_job_fails_the_run_then_the_rerun_retries_a_failed_job(slurm
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     try:
-        cancelled = running_job_of_rule("pretrain")
+        cancelled = running_job_of_rule("pretrain", workdir)
         subprocess.run(["scancel", cancelled], check=True)
         output, _ = run.communicate(timeout=240)
     finally:
