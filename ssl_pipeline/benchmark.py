@@ -172,7 +172,10 @@ class Trainer:
     images_per_step: int  # images the model sees per step: both views count in pretraining
     modules: tuple  # what the step trains: (encoder, objective) or (classifier,)
     loss_name: str
-    step: object  # () -> None: one optimisation step
+    # () -> None: one optimisation step, in three phases the profiler sees (torch.profiler labels):
+    # "batch" takes the next batch (the reference's loader loads and augments it here), "forward" runs
+    # the model and the loss (ours augments here, on the device), "update" is backward and AdamW.
+    step: object
     loader: object = None  # the reference's DataLoader
 
 
@@ -218,7 +221,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
         def batch_loss():
             with torch.profiler.record_function("batch"):
                 index = next(batches)
-            with torch.profiler.record_function("augment+loss"):
+            with torch.profiler.record_function("forward"):
                 if stage == "pretrain":
                     return contrastive_loss(encoder, objective, normalize, images[index], settings["augment"],
                                             generator, runtime)
@@ -238,7 +241,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
         def batch_loss():
             with torch.profiler.record_function("batch"):
                 inputs, targets = next(batches)
-            with torch.profiler.record_function("augment+loss"):
+            with torch.profiler.record_function("forward"):
                 if stage == "pretrain":
                     return reference.contrastive_loss(encoder, objective, inputs, runtime)
                 return reference.supervised_loss(model, inputs, targets, settings["label_smoothing"], runtime)
@@ -379,6 +382,30 @@ def measure_in_child(stage, implementation, workers, config, raw_dir, compute, p
 # Speed mode
 # ---------------------------------------------------------------------------------------------------
 
+class MachineLoad:
+    """CPU seconds that processes other than this one and its children used while it ran: a direct
+    measure of the noise that other work on the machine added (the load average lags by minutes)."""
+
+    def __init__(self):
+        self.load_before, self.started = os.getloadavg(), time.perf_counter()
+        self.busy, self.steal, self.own = self.readings()
+
+    @staticmethod
+    def readings():
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "steal", 0.0)
+        own = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        return busy, getattr(times, "steal", 0.0), own
+
+    def summary(self) -> dict:
+        busy, steal, own = self.readings()
+        return {"seconds": time.perf_counter() - self.started,
+                "load_average_before": list(self.load_before), "load_average_after": list(os.getloadavg()),
+                "other_processes_cpu_seconds": max(0.0, (busy - self.busy) - (own - self.own)),
+                "steal_cpu_seconds": steal - self.steal}
+
+
 def default_worker_counts() -> list:
     """0 (loading in the training process), 1, half and all of the CPUs: workers compete with the
     training threads for the same cores, so more is not always faster."""
@@ -387,8 +414,7 @@ def default_worker_counts() -> list:
 
 
 def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stages=STAGES, log=print) -> dict:
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+    load = MachineLoad()
     results = {}
     for stage in stages:
         log(f"{stage}: ours")
@@ -411,14 +437,17 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
-        "load_average_before": list(load_before),
-        "load_average_after": list(os.getloadavg()),
-        "seconds": time.perf_counter() - started,
+        **load.summary(),
         "raw_dir": str(raw_dir),
         "plan": plan.__dict__,
         "worker_counts": list(worker_counts),
     }
     return {"meta": meta, "stages": results}
+
+
+def machine_load(meta: dict) -> str:
+    return (f"load average {meta['load_average_before'][0]:.2f} before; other processes used "
+            f"{meta['other_processes_cpu_seconds']:.0f} CPU s during the {meta['seconds']:.0f} s run")
 
 
 def threads(count: int) -> str:
@@ -446,8 +475,7 @@ def speed_table(results: dict) -> str:
     meta = results["meta"]
     rows.append("")
     rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; {threads(meta['threads'])}, "
-                f"autocast {meta['precision']}; torch {meta['torch']}; load average "
-                f"{meta['load_average_before'][0]:.2f} before, {meta['load_average_after'][0]:.2f} after.")
+                f"autocast {meta['precision']}; torch {meta['torch']}; {machine_load(meta)}.")
     return "\n".join(rows)
 
 
@@ -461,7 +489,7 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
     with a warm-up + cosine schedule over `epochs`. Test accuracy is measured `evaluations_per_epoch`
     times per epoch with the clock stopped; training stops once every target is reached, after
     `epochs`, or at the first evaluation past `time_limit` seconds of training."""
-    load_before = os.getloadavg()
+    load = MachineLoad()
     setup_started = time.perf_counter()
     runtime = setup_runtime(compute, SEED)
     device = runtime.device
@@ -518,8 +546,7 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
             "command": " ".join(["python -m ssl_pipeline.benchmark"] + sys.argv[1:]),
             "device": str(device), "device_name": device_description(runtime), "threads": runtime.threads,
             "precision": str(runtime.autocast_dtype).replace("torch.", ""), "torch": torch.__version__,
-            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
-            "raw_dir": str(raw_dir),
+            **load.summary(), "raw_dir": str(raw_dir),
         },
         "settings": {"train_images": len(train.images), "test_images": len(test.images), "batch_size": batch_size,
                      "schedule_epochs": epochs, "time_limit_seconds": time_limit,
@@ -546,8 +573,7 @@ def accuracy_table(results: dict) -> str:
     meta = results["meta"]
     rows.append("")
     rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; {threads(meta['threads'])}, "
-                f"autocast {meta['precision']}; load average {meta['load_average_before'][0]:.2f} before, "
-                f"{meta['load_average_after'][0]:.2f} after.")
+                f"autocast {meta['precision']}; {machine_load(meta)}.")
     return "\n".join(rows)
 
 
@@ -577,7 +603,7 @@ def profile(config: dict, raw_dir, compute: dict, stage: str, implementation: st
     lines = [f"{stage} {implementation} (workers={trainer.workers}), {steps} steps of {trainer.images_per_step} images, "
              f"{runtime.device}, {threads(runtime.threads)}, autocast {runtime.autocast_dtype}: "
              f"{1000 * seconds / steps:.1f} ms per step (profiled)"]
-    for phase in ("batch", "augment+loss", "update"):  # the record_function labels of Trainer.step
+    for phase in ("batch", "forward", "update"):  # the record_function labels of Trainer.step
         milliseconds = events[phase].cpu_time_total / 1000 / steps
         lines.append(f"  {phase:<13} {milliseconds:8.1f} ms per step, {milliseconds / (10 * seconds / steps):5.1f}%")
     sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
