@@ -15,7 +15,6 @@ profile: torch.profiler's table of one implementation's steps.
 """
 import argparse
 import gzip
-import json
 import math
 import multiprocessing
 import os
@@ -231,7 +230,8 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
         # The tutorial recipe: per-sample PIL transforms in DataLoader workers.
         size = list(image_shape[1:])
         if stage == "pretrain":
-            transform = reference.TwoViews(reference.contrastive_transform(settings["augment"], mean, std, size))
+            view = reference.contrastive_transform(settings["augment"], mean, std, size)
+            transform = reference.TwoViews(view)
         else:
             transform = reference.supervised_transform(settings["augment"], mean, std, size)
         dataset = reference.TutorialDataset(train.images, train.labels, transform)
@@ -266,10 +266,10 @@ def parameter_count(trainer: Trainer) -> int:
 def device_description(runtime) -> str:
     if runtime.device.type == "cuda":
         return torch.cuda.get_device_name(runtime.device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU") \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{model}, {available_cpus()} CPUs available"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {available_cpus()} CPUs available"
 
 
 def tree_memory(pid: int, field: str) -> int:
@@ -315,7 +315,7 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         synchronize(device)
         rates.append(steps * trainer.images_per_step / (time.perf_counter() - start))
 
-    result = {
+    return {
         "stage": stage,
         "implementation": implementation,
         "workers": trainer.workers,
@@ -339,7 +339,6 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         "threads": runtime.threads,
         "precision": str(runtime.autocast_dtype).replace("torch.", ""),
     }
-    return result
 
 
 def measurement_process(connection, *arguments) -> None:
@@ -456,8 +455,8 @@ def threads(count: int) -> str:
 
 def speed_table(results: dict) -> str:
     """Markdown: one row per measurement; the speed-up is ours over the fastest reference setting."""
-    rows = ["| step | implementation | images/s (mean ± sd) | peak RSS MiB | PSS MiB | CUDA peak MiB | speed-up |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| step | implementation | images/s (mean ± sd) | peak RSS MiB | PSS MiB | CUDA peak MiB "
+            "| speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
     for stage, entry in results["stages"].items():
         label = {"pretrain": "pretraining (2 views/image)", "finetune": "fine-tuning"}[stage]
         best = entry["reference"]
@@ -465,7 +464,8 @@ def speed_table(results: dict) -> str:
             if run["implementation"] == "ours":
                 name, speedup = "ours: uint8 on device, batched augmentation", f"**{entry['speedup']:.2f}×**"
             else:
-                name = f"reference: PIL + DataLoader, {run['workers']} worker{'' if run['workers'] == 1 else 's'}"
+                workers = run["workers"]
+                name = f"reference: PIL + DataLoader, {workers} worker{'' if workers == 1 else 's'}"
                 speedup = "1.00× (fastest)" if run is best else \
                     f"{entry['ours']['images_per_second'] / run['images_per_second']:.2f}×"
             cuda = "–" if run["cuda_peak_allocated_mib"] is None else f"{run['cuda_peak_allocated_mib']:.0f}"
@@ -474,8 +474,9 @@ def speed_table(results: dict) -> str:
                         f"{run['host_pss_mib']:.0f} | {cuda} | {speedup} |")
     meta = results["meta"]
     rows.append("")
-    rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; {threads(meta['threads'])}, "
-                f"autocast {meta['precision']}; torch {meta['torch']}; {machine_load(meta)}.")
+    rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; "
+                f"{threads(meta['threads'])}, autocast {meta['precision']}; torch {meta['torch']}; "
+                f"{machine_load(meta)}.")
     return "\n".join(rows)
 
 
@@ -497,7 +498,8 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
     train, test = load_split(raw_dir, config, "train", images), load_split(raw_dir, config, "test", images)
     train_images = torch.from_numpy(train.images).to(device)  # uint8 (N, C, H, W), on the device once
     train_labels = torch.from_numpy(train.labels).to(device)
-    test_images, test_labels = torch.from_numpy(test.images).to(device), torch.from_numpy(test.labels).to(device)
+    test_images = torch.from_numpy(test.images).to(device)
+    test_labels = torch.from_numpy(test.labels).to(device)
     normalize = normalizer(*channel_statistics(train.images), train.images.shape[1:], device)
     num_classes = int(train.labels.max()) + 1
     model = prepare(Classifier(build_encoder(config["model"], train.images.shape[1]), num_classes), device)
@@ -528,8 +530,8 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
         synchronize(device)
         train_seconds += time.perf_counter() - started
         test_accuracy = accuracy(model, test_images, test_labels, normalize, runtime)
-        point = {"epochs": step / steps_per_epoch, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
-                 "wall_seconds": time.perf_counter() - wall_started}
+        point = {"epochs": step / steps_per_epoch, "test_accuracy": test_accuracy,
+                 "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_started}
         curve.append(point)
         log(f"epoch {point['epochs']:.2f}: test accuracy {test_accuracy:.4f}, {train_seconds:.1f} s training")
         for target in targets:
@@ -548,8 +550,8 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
             "precision": str(runtime.autocast_dtype).replace("torch.", ""), "torch": torch.__version__,
             **load.summary(), "raw_dir": str(raw_dir),
         },
-        "settings": {"train_images": len(train.images), "test_images": len(test.images), "batch_size": batch_size,
-                     "schedule_epochs": epochs, "time_limit_seconds": time_limit,
+        "settings": {"train_images": len(train.images), "test_images": len(test.images),
+                     "batch_size": batch_size, "schedule_epochs": epochs, "time_limit_seconds": time_limit,
                      "evaluations_per_epoch": evaluations_per_epoch, "learning_rate": settings["learning_rate"],
                      "augment": settings["augment"], "model": config["model"]},
         "setup_seconds": setup_seconds,
@@ -568,12 +570,13 @@ def accuracy_table(results: dict) -> str:
                         f"{target['train_seconds']:.1f} | {target['wall_seconds']:.1f} |")
         else:
             last = results["curve"][-1]
-            rows.append(f"| {target['target']:.2f} | no: best {max(p['test_accuracy'] for p in results['curve']):.4f} "
-                        f"in {last['epochs']:.2f} epochs | – | – | – |")
+            best = max(point["test_accuracy"] for point in results["curve"])
+            rows.append(f"| {target['target']:.2f} | no: best {best:.4f} in {last['epochs']:.2f} epochs "
+                        "| – | – | – |")
     meta = results["meta"]
     rows.append("")
-    rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; {threads(meta['threads'])}, "
-                f"autocast {meta['precision']}; {machine_load(meta)}.")
+    rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; "
+                f"{threads(meta['threads'])}, autocast {meta['precision']}; {machine_load(meta)}.")
     return "\n".join(rows)
 
 
@@ -583,8 +586,10 @@ def accuracy_table(results: dict) -> str:
 
 def profile(config: dict, raw_dir, compute: dict, stage: str, implementation: str, workers: int, steps: int,
             plan: Plan) -> str:
-    """torch.profiler's operator table over `steps` steps after warm-up. Work in DataLoader worker
-    processes is invisible to it; in the training process it shows as the wait inside `batch`."""
+    """torch.profiler's operator table over `steps` steps after warm-up, with the time per step in each
+    phase of Trainer.step. Work in DataLoader worker processes is invisible to it; in the training process
+    it shows as the wait inside `batch`. On CUDA the phases measure host time (kernels run
+    asynchronously) and the table is sorted by device time."""
     runtime = setup_runtime(compute, SEED)
     train = load_split(raw_dir, config, "train", plan.images)
     trainer = build_trainer(stage, implementation, config, train, runtime, workers, plan.batch_size)
@@ -600,13 +605,14 @@ def profile(config: dict, raw_dir, compute: dict, stage: str, implementation: st
         synchronize(runtime.device)
         seconds = time.perf_counter() - started
     events = {event.key: event for event in profiler.key_averages()}
-    lines = [f"{stage} {implementation} (workers={trainer.workers}), {steps} steps of {trainer.images_per_step} images, "
-             f"{runtime.device}, {threads(runtime.threads)}, autocast {runtime.autocast_dtype}: "
-             f"{1000 * seconds / steps:.1f} ms per step (profiled)"]
+    step_ms = 1000 * seconds / steps
+    lines = [f"{stage} {implementation} (workers={trainer.workers}), {steps} steps of "
+             f"{trainer.images_per_step} images, {runtime.device}, {threads(runtime.threads)}, autocast "
+             f"{runtime.autocast_dtype}: {step_ms:.1f} ms per step (profiled)"]
     for phase in ("batch", "forward", "update"):  # the record_function labels of Trainer.step
         milliseconds = events[phase].cpu_time_total / 1000 / steps
-        lines.append(f"  {phase:<13} {milliseconds:8.1f} ms per step, {milliseconds / (10 * seconds / steps):5.1f}%")
-    sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
+        lines.append(f"  {phase:<8} {milliseconds:8.1f} ms per step, {100 * milliseconds / step_ms:5.1f}%")
+    sort = "self_device_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
     return "\n".join(lines) + "\n" + profiler.key_averages().table(sort_by=sort, row_limit=30)
 
 
@@ -625,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--raw-dir", type=Path, default=None,
                           help="directory with the IDX files (.gz or not); default: results/raw, else the "
                                "first local mirror in config key dataset.mirrors")
-        mode.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: config compute.device)")
+        mode.add_argument("--device", default=None,
+                          help="auto | cpu | cuda | cuda:N (default: config compute.device)")
         mode.add_argument("--threads", type=int, default=None,
                           help="torch threads (default: config compute.threads, at most the CPUs available)")
         mode.add_argument("--tiny", action="store_true", help=f"a few steps on {TINY.images} images, for CI")
@@ -685,7 +692,8 @@ def main(argv=None) -> int:
         write_json(args.out, results)
         print(accuracy_table(results))
     else:
-        table = profile(config, raw_dir, compute, args.stage, args.implementation, args.workers, args.steps, plan)
+        table = profile(config, raw_dir, compute, args.stage, args.implementation, args.workers, args.steps,
+                        plan)
         write_text(args.out, table)
         print(table)
     return 0

@@ -55,10 +55,11 @@ def numbers(tree, path="") -> list:
 
 
 # Figures that are legitimately zero: ours has no loader workers, and a quiet machine has no other load.
-MAY_BE_ZERO = ("workers", "images_per_second_std", "load_average", "other_processes_cpu_seconds", "steal_cpu_seconds")
-MEASUREMENT_FIELDS = {"stage", "implementation", "workers", "batch_size", "images_per_step", "parameters", "loss",
-                      "steps_per_repetition", "images_per_second", "images_per_second_std", "repetitions",
-                      "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib", "cuda_peak_allocated_mib",
+MAY_BE_ZERO = ("workers", "images_per_second_std", "load_average", "other_processes_cpu_seconds",
+               "steal_cpu_seconds")
+MEASUREMENT_FIELDS = {"stage", "implementation", "workers", "batch_size", "images_per_step", "parameters",
+                      "loss", "steps_per_repetition", "images_per_second", "images_per_second_std",
+                      "repetitions", "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib", "cuda_peak_allocated_mib",
                       "device", "device_name", "threads", "precision"}
 
 
@@ -94,18 +95,21 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
     assert {"date", "command", "device", "device_name", "threads", "precision", "torch", "load_average_before",
             "other_processes_cpu_seconds", "seconds"} <= set(results["meta"])
     assert results["meta"]["command"].startswith("python -m ssl_pipeline.benchmark speed --tiny")
-    assert "| pretraining (2 views/image) | ours" in table and "reference: PIL + DataLoader, 1 worker |" in table
+    assert "| pretraining (2 views/image) | ours" in table
+    assert "reference: PIL + DataLoader, 1 worker |" in table
 
 
 def test_tiny_time_to_accuracy_reports_reached_and_missed_targets(synthetic_override, tmp_path):
     out = tmp_path / "accuracy.json"
     run_benchmark("time-to-accuracy", "--tiny", "--device", "cpu", "--threads", "1", "--configfile",
-                  synthetic_override, "--targets", "0.5", "1.01", "--epochs", "2", "--evaluations-per-epoch", "4", "--out", out)
+                  synthetic_override, "--targets", "0.5", "1.01", "--epochs", "2",
+                  "--evaluations-per-epoch", "4", "--out", out)
     results = json.loads(out.read_text())
 
     curve = results["curve"]
     # 1.01 is never reached, so it trains the whole schedule, evaluating 4 times an epoch.
-    assert [point["epochs"] for point in curve] == pytest.approx([0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2], abs=0.03)
+    assert [point["epochs"] for point in curve] == pytest.approx([0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2],
+                                                                 abs=0.03)
     assert all(earlier["train_seconds"] < later["train_seconds"] <= later["wall_seconds"]
                for earlier, later in zip(curve, curve[1:]))
     reachable, impossible = results["targets"]
@@ -170,7 +174,8 @@ def test_reference_and_ours_train_the_same_model_with_the_same_loss_and_batch(st
                                     runtime)
         their_loss = reference.contrastive_loss(*theirs.modules, inputs, runtime)
     else:
-        our_loss = supervised_loss(ours.modules[0], normalize, images, labels, config[stage], generator, runtime)
+        our_loss = supervised_loss(ours.modules[0], normalize, images, labels, config[stage], generator,
+                                   runtime)
         their_loss = reference.supervised_loss(theirs.modules[0], inputs, targets,
                                                config[stage]["label_smoothing"], runtime)
         assert torch.equal(targets, labels)
