@@ -59,8 +59,8 @@ MAY_BE_ZERO = ("workers", "images_per_second_std", "load_average", "other_proces
                "steal_cpu_seconds")
 MEASUREMENT_FIELDS = {"stage", "implementation", "workers", "batch_size", "images_per_step", "parameters",
                       "loss", "steps_per_repetition", "images_per_second", "images_per_second_std",
-                      "repetitions", "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib", "cuda_peak_allocated_mib",
-                      "device", "device_name", "threads", "precision"}
+                      "repetitions", "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib",
+                      "cuda_peak_allocated_mib", "device", "device_name", "threads", "precision"}
 
 
 # ---------------------------------------------------------------------------------------------------
