@@ -6,8 +6,8 @@
 
 speed: images per second of one optimisation step of pretraining (two views, contrastive loss;
 both views count) and of fine-tuning, for ours and for the reference on the same model, loss, batch
-size, device, precision and thread count, built from config/config.yaml. Each measurement runs in its
-own process, forked from this one, so its peak memory is its own. The reference runs once per
+size, device, precision and thread count, built from config/config.yaml. Each measurement runs in a
+fresh process of its own, so its peak memory is its own. The reference runs once per
 DataLoader worker count in --workers, and the fastest is the one we compare with.
 time-to-accuracy: supervised training from scratch on the whole training set with our pipeline, until
 test accuracy first reaches each target.
@@ -15,6 +15,7 @@ profile: torch.profiler's table of one implementation's steps.
 """
 import argparse
 import gzip
+import importlib.metadata
 import math
 import multiprocessing
 import os
@@ -32,10 +33,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-import torchvision
 import yaml
 
-from ssl_pipeline import reference
 from ssl_pipeline.artifacts import write_json, write_text
 from ssl_pipeline.config import validate_config
 from ssl_pipeline.data import Normalizer, device_generator, shuffled_batches
@@ -227,7 +226,10 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
                 return supervised_loss(model, normalize, images[index], labels[index], settings, generator,
                                        runtime)
     else:
-        # The tutorial recipe: per-sample PIL transforms in DataLoader workers.
+        # The tutorial recipe: per-sample PIL transforms in DataLoader workers. Imported here so that
+        # torchvision and PIL count in the reference's memory figures, not in ours.
+        from ssl_pipeline import reference
+
         size = list(image_shape[1:])
         if stage == "pretrain":
             view = reference.contrastive_transform(settings["augment"], mean, std, size)
@@ -351,10 +353,10 @@ def measurement_process(connection, *arguments) -> None:
 
 
 def measure_in_child(stage, implementation, workers, config, raw_dir, compute, plan: Plan) -> dict:
-    """Run `measure` in a forked process while sampling, from here, the summed RSS of it and its
-    workers. Forking (not spawning) saves re-importing torch; this process never runs a torch op or
-    touches CUDA, so the child starts with clean thread pools and an uninitialised GPU."""
-    context = multiprocessing.get_context("fork")
+    """Run `measure` in a fresh Python process while sampling, from here, the summed RSS of it and its
+    workers. Spawned, not forked: a forked child would share this process's pages (torch's libraries),
+    which would hide part of its memory from the figures."""
+    context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=measurement_process,
                             args=(sender, stage, implementation, workers, config, raw_dir, compute, plan))
@@ -434,7 +436,7 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
         "threads": first["threads"],
         "precision": first["precision"],
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),
         "python": platform.python_version(),
         **load.summary(),
         "raw_dir": str(raw_dir),
