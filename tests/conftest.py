@@ -145,7 +145,7 @@ def serve_directory(routes: Routes, directory: Path, prefix: str = "") -> None:
 # Workflow copies
 # ---------------------------------------------------------------------------------------------------
 
-WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "envs", "ssl_pipeline"]
+WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "envs", "profiles", "ssl_pipeline"]
 
 
 def copy_workflow(destination: Path) -> Path:
