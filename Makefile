@@ -3,18 +3,20 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 CORES ?= 4
-SNAKEMAKE := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake
+# Rules call `python -m ssl_pipeline ...`: the environment's python must come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+SNAKEMAKE := $(VENV)/bin/snakemake
 
 # EXPERIMENT=smoke selects config/experiments/smoke.yaml on top of config/config.yaml.
 EXPERIMENT ?=
 CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).yaml)
-VERSIONING := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m ssl_pipeline.versioning
+VERSIONING := $(PYTHON) -m ssl_pipeline.versioning
 
 .PHONY: help run smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
 	time-to-accuracy
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
 $(VENV)/installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -35,10 +37,10 @@ report: $(VENV)/installed  ## Snakemake's HTML report of the last run
 	$(SNAKEMAKE) --cores 1 $(CONFIG_ARGS) --report results/report.html
 
 test: $(VENV)/installed  ## every test: unit, smoke training, whole DAGs
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -v -rs --durations=10
+	$(PYTHON) -m pytest -v -rs --durations=10
 
 test-fast: $(VENV)/installed  ## unit and smoke-training tests only
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q -m "not workflow"
+	$(PYTHON) -m pytest -q -m "not workflow"
 
 lint: $(VENV)/installed  ## snakemake --lint
 	$(SNAKEMAKE) --lint

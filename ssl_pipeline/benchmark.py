@@ -23,9 +23,9 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,17 +33,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-import yaml
 
 from ssl_pipeline.artifacts import write_json, write_text
-from ssl_pipeline.config import validate_config
+from ssl_pipeline.config import load_config as config_with_overrides
 from ssl_pipeline.data import Normalizer, device_generator, shuffled_batches
 from ssl_pipeline.finetune import supervised_loss
 from ssl_pipeline.idx import parse_idx
 from ssl_pipeline.inference import accuracy
 from ssl_pipeline.models import Classifier, build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
-from ssl_pipeline.preprocess import as_nchw
+from ssl_pipeline.preprocess import as_nchw, normalization_statistics
 from ssl_pipeline.pretrain import contrastive_loss
 from ssl_pipeline.runtime import available_cpus, setup_runtime
 from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
@@ -79,21 +78,8 @@ TINY = Plan(repetitions=3, warmup_steps=2, repetition_seconds=0.1, min_steps=2, 
 # Config and data
 # ---------------------------------------------------------------------------------------------------
 
-def merge(base: dict, override: dict) -> dict:
-    """Nested dicts merge key by key and everything else is replaced, as snakemake --configfile does."""
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
-            else value
-    return merged
-
-
 def load_config(override_paths=()) -> dict:
-    config = yaml.safe_load(BASE_CONFIG.read_text())
-    for path in override_paths:
-        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    validate_config(config, SCHEMA)
-    return config
+    return config_with_overrides(BASE_CONFIG, override_paths, SCHEMA)
 
 
 def default_raw_dir(config: dict) -> Path:
@@ -125,26 +111,6 @@ def load_split(raw_dir, config: dict, split: str, limit=None) -> Split:
     images = as_nchw(read_raw(Path(raw_dir), files[f"{split}_images"]["name"]), split)[:limit]
     labels = read_raw(Path(raw_dir), files[f"{split}_labels"]["name"]).astype(np.int64)[:limit]
     return Split(np.ascontiguousarray(images), labels)
-
-
-def channel_statistics(images: np.ndarray):
-    """Per-channel mean and std in [0, 1] units, in chunks: a float64 copy of all 60,000 images
-    would add 376 MB to the peak memory we are measuring."""
-    total, squares = np.zeros(images.shape[1]), np.zeros(images.shape[1])
-    for start in range(0, len(images), 4096):
-        chunk = images[start:start + 4096].astype(np.float64) / 255.0
-        total += chunk.sum(axis=(0, 2, 3))
-        squares += np.square(chunk).sum(axis=(0, 2, 3))
-    count = len(images) * images.shape[2] * images.shape[3]
-    mean = total / count
-    return mean.tolist(), np.sqrt(squares / count - mean ** 2).tolist()
-
-
-def normalizer(mean, std, image_shape, device) -> Normalizer:
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "normalization.json"
-        write_json(path, {"mean": mean, "std": std, "image_shape": list(image_shape)})
-        return Normalizer(path, device)
 
 
 def endless(make_iterable):
@@ -203,7 +169,8 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
     optimizer = adamw([p for module in modules for p in module.parameters()], settings)
     scheduler = warmup_cosine(optimizer, 0, CONSTANT_SCHEDULE_STEPS)
     batch_size = min(batch_size or settings["batch_size"], len(train.images))
-    mean, std = channel_statistics(train.images)
+    pixel_statistics = normalization_statistics(train.images)
+    mean, std = pixel_statistics["mean"], pixel_statistics["std"]
     views = 2 if stage == "pretrain" else 1
     trainer = Trainer(stage, implementation, workers if implementation == "reference" else 0, batch_size,
                       views * batch_size, modules, loss_name, step=None)
@@ -212,7 +179,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
         # The pipeline's loop: the dataset on the device as uint8, once; batches cut and augmented there.
         images = torch.from_numpy(train.images).to(device)  # uint8 (N, C, H, W)
         labels = torch.from_numpy(train.labels).to(device)
-        normalize = normalizer(mean, std, image_shape, device)
+        normalize = Normalizer(pixel_statistics, device)
         generator = device_generator(device, SEED)
         batches = endless(lambda: shuffled_batches(len(images), batch_size, generator, device))
 
@@ -430,7 +397,6 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
     first = results[stages[0]]["ours"]
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m ssl_pipeline.benchmark"] + sys.argv[1:]),
         "device": first["device"],
         "device_name": first["device_name"],
         "threads": first["threads"],
@@ -502,7 +468,7 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
     train_labels = torch.from_numpy(train.labels).to(device)
     test_images = torch.from_numpy(test.images).to(device)
     test_labels = torch.from_numpy(test.labels).to(device)
-    normalize = normalizer(*channel_statistics(train.images), train.images.shape[1:], device)
+    normalize = Normalizer(normalization_statistics(train.images), device)
     num_classes = int(train.labels.max()) + 1
     model = prepare(Classifier(build_encoder(config["model"], train.images.shape[1]), num_classes), device)
     batch_size = min(batch_size or settings["batch_size"], len(train.images))
@@ -547,7 +513,6 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
     return {
         "meta": {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m ssl_pipeline.benchmark"] + sys.argv[1:]),
             "device": str(device), "device_name": device_description(runtime), "threads": runtime.threads,
             "precision": str(runtime.autocast_dtype).replace("torch.", ""), "torch": torch.__version__,
             **load.summary(), "raw_dir": str(raw_dir),
@@ -671,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    command = " ".join(["python -m ssl_pipeline.benchmark", *argv])
     config = load_config(args.configfile)
     raw_dir = args.raw_dir or default_raw_dir(config)
     compute = dict(config["compute"])
@@ -680,10 +647,11 @@ def main(argv=None) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)
 
     if args.mode == "speed":
-        plan = Plan(**{**plan.__dict__, "repetitions": args.repetitions,
-                       "repetition_seconds": plan.repetition_seconds if args.tiny else args.repetition_seconds})
+        plan = dataclasses.replace(plan, repetitions=args.repetitions, repetition_seconds=(
+            plan.repetition_seconds if args.tiny else args.repetition_seconds))
         workers = args.workers or ([1] if args.tiny else default_worker_counts())
         results = speed(config, raw_dir, compute, plan, workers, tuple(args.stages), log)
+        results["meta"]["command"] = command
         write_json(args.out, results)
         print(speed_table(results))
     elif args.mode == "time-to-accuracy":
@@ -691,6 +659,7 @@ def main(argv=None) -> int:
         results = time_to_accuracy(config, raw_dir, compute, sorted(args.targets), epochs, args.time_limit,
                                    args.evaluations_per_epoch, plan.images and 4 * plan.images, plan.batch_size,
                                    log)
+        results["meta"]["command"] = command
         write_json(args.out, results)
         print(accuracy_table(results))
     else:

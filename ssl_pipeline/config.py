@@ -40,7 +40,28 @@ def semantic_errors(config: dict) -> list:
         low, high = config[section]["augment"][key]
         if low > high:
             errors.append(f"config key {section}.augment.{key}: lower bound {low} exceeds upper bound {high}")
+    if config["compute"]["require_gpu"] and config["compute"]["device"] == "cpu":
+        errors.append("config key compute.require_gpu: true contradicts compute.device: cpu")
     return errors
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`override` on top of `base` as `snakemake --configfile` does it: nested dicts key by key,
+    everything else replaced."""
+    result = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        result[key] = merged(base[key], value) if both_dicts else value
+    return result
+
+
+def load_config(config_path, override_paths, schema_path) -> dict:
+    """config.yaml with experiment files on top, validated."""
+    config = yaml.safe_load(Path(config_path).read_text())
+    for path in override_paths:
+        config = merged(config, yaml.safe_load(Path(path).read_text()) or {})
+    validate_config(config, schema_path)
+    return config
 
 
 def validate_config(config: dict, schema_path) -> None:

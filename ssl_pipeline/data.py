@@ -19,11 +19,15 @@ def load_labels(path, device) -> torch.Tensor:
 class Normalizer:
     """uint8 (B, C, H, W) -> float (B, C, H, W) in [0, 1], and [0, 1] -> standardised."""
 
-    def __init__(self, normalization_path, device):
-        stats = read_json(normalization_path)
+    def __init__(self, stats: dict, device):
+        """stats: {"mean", "std", "image_shape"}, as preprocess.normalization_statistics gives them."""
         self.mean = torch.tensor(stats["mean"], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(stats["std"], device=device).view(1, -1, 1, 1)
         self.image_shape = tuple(stats["image_shape"])
+
+    @classmethod
+    def load(cls, normalization_path, device) -> "Normalizer":
+        return cls(read_json(normalization_path), device)
 
     @staticmethod
     def to_unit(batch: torch.Tensor) -> torch.Tensor:

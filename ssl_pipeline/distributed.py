@@ -98,4 +98,8 @@ def data_parallel(module: torch.nn.Module, ranks: Ranks, device: torch.device) -
     """`module` with its gradients averaged over the ranks after every backward pass."""
     if ranks.world_size == 1:
         return module
+    if device.type == "cuda":
+        # BatchNorm over the global batch, as SimCLR does across devices (in place: the layers keep
+        # their state_dict keys, so the checkpoint loads into a plain encoder). gloo has no SyncBatchNorm.
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)

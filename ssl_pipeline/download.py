@@ -13,6 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def decompress_and_hash(raw: Path, destination: Path) -> str:
             while chunk := source.read(CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
-    except (EOFError, gzip.BadGzipFile, OSError) as error:
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # the data; a failing disk is no retry case
         raise TransientError(f"corrupt or truncated gzip data: {error}") from error
     return digest.hexdigest()
 

@@ -60,7 +60,7 @@ def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict) -> di
     model = prepare(load_classifier(checkpoint), runtime.device)
     images = load_array(f"{data_dir}/test_images.npy", runtime.device)
     labels = load_labels(f"{data_dir}/test_labels.npy", runtime.device)
-    predictions = predict(model, images, Normalizer(f"{data_dir}/normalization.json", runtime.device), runtime)
+    predictions = predict(model, images, Normalizer.load(f"{data_dir}/normalization.json", runtime.device), runtime)
     run = checkpoint["config"]
     metrics = {
         "init": run["init"], "label_fraction": run["label_fraction"], "seed": run["seed"],
@@ -83,7 +83,7 @@ def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: 
     encoder = build_encoder(checkpoint["config"]["model"], checkpoint["in_channels"])
     encoder.load_state_dict(checkpoint["encoder"])
     encoder = prepare(encoder, device)
-    normalize = Normalizer(f"{data_dir}/normalization.json", device)
+    normalize = Normalizer.load(f"{data_dir}/normalization.json", device)
     num_classes = read_json(f"{data_dir}/card.json")["num_classes"]
     train_images = load_array(f"{data_dir}/train_images.npy", device)
     train_labels = load_labels(f"{data_dir}/train_labels.npy", device)

@@ -62,7 +62,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     labels = load_labels(f"{data_dir}/train_labels.npy", device)[subset]
     val_images = load_array(f"{data_dir}/val_images.npy", device)
     val_labels = load_labels(f"{data_dir}/val_labels.npy", device)
-    normalize = Normalizer(f"{data_dir}/normalization.json", device)
+    normalize = Normalizer.load(f"{data_dir}/normalization.json", device)
 
     encoder = build_encoder(model_settings, images.shape[1])
     if init == "pretrained":

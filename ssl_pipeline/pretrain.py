@@ -46,7 +46,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     device = runtime.device
     distributed.join(ranks, device)
     images = distributed.shard(load_array(train_images_path, "cpu"), ranks).to(device)  # uint8 (N/W, C, H, W)
-    normalize = Normalizer(normalization_path, device)
+    normalize = Normalizer.load(normalization_path, device)
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
     objective = build_objective(settings["objective"], encoder.feature_dim,
                                 settings[settings["objective"]]).to(device)

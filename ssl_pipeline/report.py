@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ssl_pipeline.artifacts import atomic_path, read_json, write_json, write_text  # noqa: E402
+from ssl_pipeline.artifacts import atomic_path, write_json, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["init", "label_fraction", "seed", "mode", "labeled_images", "test_accuracy",

@@ -69,7 +69,16 @@ _CLAIMED_DEVICE = []
 
 
 def free_cuda_device() -> torch.device:
-    """A visible GPU no other process on this host holds; claimed once per process."""
+    """A visible GPU no other process on this host holds; claimed once per process. A rank of
+    torchrun takes the GPU of its local rank: the ranks of one job must sit on distinct GPUs."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if ranks_here > torch.cuda.device_count():
+            raise GpuUnavailable(f"{ranks_here} data-parallel processes on this node but only "
+                                 f"{torch.cuda.device_count()} visible GPU(s); lower config pretrain.processes "
+                                 "or ask for more GPUs")
+        return torch.device("cuda", int(local_rank))
     if not _CLAIMED_DEVICE:
         ids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
         index = claim_free_gpu(ids)

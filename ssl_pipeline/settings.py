@@ -27,6 +27,14 @@ def lookup(config: dict, key: str):
     return config
 
 
+def has_key(config: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
+
+
 def leaf_keys(config: dict, prefix: str) -> list:
     """Dotted keys of every leaf under `prefix` (lists are leaves), minus NOT_JOB_SETTINGS."""
     value = lookup(config, prefix)

@@ -13,6 +13,7 @@ than their inputs and would retrain everything. Once DVC confirms that the outpu
 commit's config and code, `snakemake --touch` marks them current, in DAG order.
 """
 import argparse
+import copy
 import json
 import re
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from ssl_pipeline.settings import rule_leaf_keys
+from ssl_pipeline.settings import has_key, rule_leaf_keys
 from ssl_pipeline.stage_code import stage_files, stage_of_command
 
 DVC_YAML = "dvc.yaml"
@@ -58,6 +59,7 @@ class Job:
     input_patterns: list  # the rule's input patterns; functions are left out
     output_patterns: list
     command: str
+    rule_file: str  # the .smk file that defines the rule, relative to the workflow
 
 
 def snakemake_jobs(workdir: Path, configfiles: list):
@@ -81,7 +83,8 @@ def snakemake_jobs(workdir: Path, configfiles: list):
                     inputs=[str(path) for path in job.input],
                     outputs=named_paths(job.output),
                     input_patterns=[p for p in job.rule.input if not callable(p)],
-                    output_patterns=list(job.rule.output), command=job.rule.shellcmd)
+                    output_patterns=list(job.rule.output), command=job.rule.shellcmd,
+                    rule_file=str(Path(job.rule.snakefile).relative_to(workdir)))
                 for job in workflow.dag.jobs if job.rule.shellcmd]  # `rule all` runs nothing
         return dict(workflow.config), jobs
 
@@ -121,21 +124,17 @@ def as_template(path: str, patterns, wildcards: dict) -> str:
     return path
 
 
-def param_sources(keys: list, configfiles: list, workdir: Path) -> dict:
-    """config file -> the keys it sets last; Snakemake lets later --configfile files override."""
+def param_sources(keys: list, configfiles: list, workdir: Path) -> list:
+    """[{config file: the keys it sets last}]; Snakemake lets later --configfile files override."""
     files = [DEFAULT_CONFIG] + list(configfiles)
     contents = {name: yaml.safe_load((workdir / name).read_text()) or {} for name in files}
-
-    def sets(content, key):
-        for part in key.split("."):
-            if not isinstance(content, dict) or part not in content:
-                return False
-            content = content[part]
-        return True
-
     sources = defaultdict(list)
     for key in keys:
-        sources[[name for name in files if sets(contents[name], key)][-1]].append(key)
+        setting = [name for name in files if has_key(contents[name], key)]
+        if not setting:
+            raise VersioningError(f"config key {key} is set in none of {files}; DVC can only track a key "
+                                  "that a config file sets")
+        sources[setting[-1]].append(key)
     return [{name: sources[name]} for name in files if sources[name]]
 
 
@@ -162,6 +161,9 @@ def group_names(rule: str, groups: dict) -> dict:
         distinct = [value for name, value in constant.items()
                     if any(other[0].wildcards[name] != value for other in groups.values())]
         names[key] = "_".join([rule, *distinct])
+    if len(set(names.values())) < len(names):
+        raise VersioningError(f"the jobs of rule {rule} need stages of their own, but no wildcard tells them "
+                              f"apart: {sorted(names.values())}")
     return names
 
 
@@ -171,31 +173,31 @@ def snakemake_command(rule: str, outs, configfiles: list) -> str:
 
 
 def stage_definition(rule, deps, outs, jobs, configfiles, params) -> dict:
+    """One stage, or a `foreach` over the wildcards that vary between the jobs; a wildcard with one
+    value in the group is written out."""
+    varying = [name for name in jobs[0].wildcards if len({job.wildcards[name] for job in jobs}) > 1]
+    constant = {name: value for name, value in jobs[0].wildcards.items() if name not in varying}
+
+    def filled(template):
+        for name, value in constant.items():
+            template = template.replace("${item.%s}" % name, value)
+        return template
+
+    code = [jobs[0].rule_file] + [str(path.relative_to(path.parents[1]))
+                                  for path in stage_files(stage_of_command(jobs[0].command))]
+    outs = [filled(out) for out in outs]
     definition = {
         "cmd": snakemake_command(rule, outs, configfiles),
-        "deps": list(deps) + [str(path.relative_to(path.parents[1])) for path in
-                              stage_files(stage_of_command(jobs[0].command))],
+        "deps": [filled(dep) for dep in deps] + code,
         **({"params": params} if params else {}),
-        "outs": list(outs),
+        "outs": outs,
     }
-    varying = [name for name in jobs[0].wildcards if len({job.wildcards[name] for job in jobs}) > 1]
     if not varying:
         return definition
     items = {"-".join(job.wildcards[name] for name in varying):
              {name: job.wildcards[name] for name in varying}
              for job in sorted(jobs, key=lambda job: [job.wildcards[name] for name in varying])}
     return {"foreach": items, "do": definition}
-
-
-def fill_constant_wildcards(definition: dict, jobs) -> dict:
-    """${item.x} for a wildcard with one value in the group becomes that value."""
-    text = json.dumps(definition)
-    varying = {name for name in jobs[0].wildcards
-               if len({job.wildcards[name] for job in jobs}) > 1}
-    for name, value in jobs[0].wildcards.items():
-        if name not in varying:
-            text = text.replace("${item.%s}" % name, value)
-    return json.loads(text)
 
 
 def build_dvc_yaml(workdir: Path, configfiles: list) -> str:
@@ -210,8 +212,9 @@ def build_dvc_yaml(workdir: Path, configfiles: list) -> str:
         names = group_names(rule, groups)
         params = param_sources(rule_leaf_keys(config, rule), configfiles, workdir)
         for (deps, outs), group in sorted(groups.items(), key=lambda item: names[item[0]]):
-            stage = stage_definition(rule, deps, outs, group, configfiles, params)
-            stages[names[(deps, outs)]] = fill_constant_wildcards(stage, group)
+            # A copy per stage: a shared list would be written as a YAML anchor and alias.
+            stage = stage_definition(rule, deps, outs, group, configfiles, copy.deepcopy(params))
+            stages[names[(deps, outs)]] = stage
         outputs |= {path for job in by_rule[rule] for path in job.outputs.values()}
     missing = [path for path in METRICS if path not in outputs]
     if missing:
@@ -300,8 +303,10 @@ def record(workdir: Path) -> None:
                        "Snakemake cannot plan the workflow, so there is nothing consistent to record.")
     plan = dry_run.stdout + dry_run.stderr
     if "Nothing to be done" not in plan:
-        raise VersioningError("Snakemake would still run jobs, so the outputs are not current; run the "
-                              "pipeline first, then record.\n" + plan[-2000:])
+        experiment = " ".join(snakemake_config_args(workdir)) or "the default config"
+        raise VersioningError(f"Snakemake would still run jobs of dvc.yaml's experiment ({experiment}), so the "
+                              "outputs are not current: run the pipeline first, or `make dvc-yaml EXPERIMENT=...` "
+                              "for the experiment you ran, then record.\n" + plan[-2000:])
     run_tool(["dvc", "commit", "--force", "--quiet"], workdir, "dvc commit failed.")
     # dvc commit rewrites outputs from its cache (new mtimes, in no particular order).
     mark_current_in_snakemake(workdir)
@@ -342,8 +347,12 @@ def pull(workdir: Path, remote=None) -> None:
 def mark_current_in_snakemake(workdir: Path) -> None:
     """DVC does not keep timestamps, so outputs it writes look stale to Snakemake. `snakemake --touch`
     touches them in DAG order and records the current params and code as their provenance."""
-    run_tool(["snakemake", "--touch", "--cores", "1", *snakemake_config_args(workdir)], workdir,
-             "Snakemake could not mark the outputs as up to date.")
+    touch = run_tool(["snakemake", "--touch", "--cores", "1", *snakemake_config_args(workdir)], workdir,
+                     "Snakemake could not mark the outputs as up to date.")
+    said = touch.stdout + touch.stderr
+    if "not touched because they don't exist" in said:  # --touch only warns about these
+        raise VersioningError("Snakemake's DAG has outputs that DVC did not restore (is dvc.yaml from another "
+                              "experiment than the config?); they were not marked up to date.\n" + said[-2000:])
 
 
 # ---------------------------------------------------------------------------------------------------

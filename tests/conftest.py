@@ -160,10 +160,15 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
+def tool_env(extra=None) -> dict:
+    """The environment for the project's tools: this interpreter's bin first on PATH, so that
+    Snakemake's rules (and DVC's stages) find its `python` and `snakemake`."""
+    return {**os.environ, **(extra or {}), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 def snakemake(workdir: Path, *args, check=True, env=None) -> subprocess.CompletedProcess:
-    """Run the Snakemake of this interpreter's environment; rules find its `python` on PATH."""
-    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+    """Run the Snakemake of this interpreter's environment."""
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=tool_env(env),
                             capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

@@ -14,7 +14,9 @@ from torch.utils.data import default_collate
 
 from ssl_pipeline import benchmark, reference
 from ssl_pipeline.augment import contrastive_view, supervised_view
+from ssl_pipeline.data import Normalizer
 from ssl_pipeline.finetune import supervised_loss
+from ssl_pipeline.preprocess import normalization_statistics
 from ssl_pipeline.pretrain import contrastive_loss
 from ssl_pipeline.runtime import setup_runtime
 from tests.conftest import REPO, synthetic_images, write_synthetic_idx
@@ -141,8 +143,7 @@ def build_pair(stage, config, split, batch_size=16):
 
 
 def normalizer_of(split):
-    mean, std = benchmark.channel_statistics(split.images)
-    return benchmark.normalizer(mean, std, split.images.shape[1:], torch.device("cpu"))
+    return Normalizer(normalization_statistics(split.images), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("stage", benchmark.STAGES)

@@ -5,24 +5,13 @@ import re
 import pytest
 import yaml
 
-from ssl_pipeline.config import ConfigError, validate_config
+from ssl_pipeline.config import ConfigError, merged, validate_config
 from ssl_pipeline.settings import RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 CONFIG_TEXT = (REPO / "config" / "config.yaml").read_text()
 DEFAULT = yaml.safe_load(CONFIG_TEXT)
-
-
-def merged(base, override):
-    """Snakemake's --configfile merge: nested dicts are updated key by key."""
-    result = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merged(result[key], value)
-        else:
-            result[key] = value
-    return result
 
 
 def schema_leaves(schema, prefix=()):
@@ -94,6 +83,8 @@ def test_every_key_of_config_yaml_is_commented():
         (lambda c: c["data"].pop("split_seed"), "missing key data.split_seed"),
         (lambda c: c["dataset"]["files"]["train_images"].update(sha256="abc"),
          "config key dataset.files.train_images.sha256: 'abc' does not match"),
+        (lambda c: c["compute"].update(device="cpu", require_gpu=True),
+         "config key compute.require_gpu: true contradicts compute.device: cpu"),
         (lambda c: c["pretrain"]["augment"].update(crop_scale=[0.9, 0.2]),
          "config key pretrain.augment.crop_scale: lower bound 0.9 exceeds upper bound 0.2"),
     ],

@@ -4,7 +4,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ssl_pipeline.versioning import VersioningError, check_dvc_yaml, locked_outputs
-from tests.conftest import REPO, SMOKE, copy_workflow, snakemake
+from tests.conftest import REPO, SMOKE, copy_workflow, snakemake, tool_env
 
 pytestmark = pytest.mark.workflow
 VERSIONED_PARTS = [".dvc/config", ".dvcignore", ".gitignore"]
@@ -23,8 +22,7 @@ IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.org",
 
 def run(*args, cwd, check=True) -> subprocess.CompletedProcess:
     """A command with this interpreter's environment first on PATH (dvc stages call `snakemake`)."""
-    env = {**os.environ, **IDENTITY, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(list(args), cwd=cwd, env=tool_env(IDENTITY), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result

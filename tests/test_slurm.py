@@ -5,7 +5,6 @@ is scheduled on it and sees CUDA_VISIBLE_DEVICES, but torch finds no CUDA device
 training falls back to the CPU and its numbers must equal those of a local run.
 """
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import torch
 import yaml
 from snakemake.profiles import ProfileConfigFileParser
 
-from tests.conftest import REPO, SMOKE, copy_workflow, require, snakemake, write_synthetic_idx
+from tests.conftest import REPO, SMOKE, copy_workflow, require, snakemake, tool_env, write_synthetic_idx
 
 pytestmark = pytest.mark.workflow
 
@@ -196,7 +195,7 @@ def test_a_cancelled_job_fails_the_run_then_the_rerun_retries_a_failed_job(slurm
     # No retries here, or Snakemake would submit the cancelled job again.
     run = subprocess.Popen([sys.executable, "-m", "snakemake", *arguments, "--retries", "0"], cwd=workdir,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                           env=tool_env())
     try:
         cancelled = running_job_of_rule("pretrain", workdir)
         subprocess.run(["scancel", cancelled], check=True)

@@ -201,8 +201,11 @@ def test_a_required_gpu_that_is_missing_is_an_error():
         select_device("auto", require_gpu=True)
 
 
-def test_precision_follows_the_config():
+def test_precision_follows_the_config(monkeypatch):
     cpu = torch.device("cpu")
     assert select_precision("fp32", cpu) == torch.float32
     assert select_precision("bf16", cpu) == torch.bfloat16
-    assert select_precision("auto", cpu) in (torch.float32, torch.bfloat16)
+    monkeypatch.setattr("ssl_pipeline.runtime.cpu_has_fast_bf16", lambda: True)
+    assert select_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr("ssl_pipeline.runtime.cpu_has_fast_bf16", lambda: False)
+    assert select_precision("auto", cpu) == torch.float32

@@ -11,7 +11,13 @@ from ssl_pipeline.settings import rule_settings
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
 # The package runs from this checkout, also inside a per-rule conda env where it is not installed.
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
+# shell.prefix replaces Snakemake's default strict mode, so it is repeated here; the prefix is
+# formatted like a command, hence the doubled braces of the shell expansion.
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(workflow.basedir)
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
 
 RESULTS = "results"
 RAW = f"{RESULTS}/raw"
