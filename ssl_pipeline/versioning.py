@@ -14,7 +14,6 @@ commit's config and code, `snakemake --touch` marks them current, in DAG order.
 """
 import argparse
 import copy
-import json
 import re
 import subprocess
 import sys
@@ -270,30 +269,21 @@ def snakemake_config_args(workdir: Path) -> list:
 
 def locked_outputs(workdir: Path) -> list:
     """Every output path dvc.lock records, in stage order."""
-    lock = Path(workdir) / "dvc.lock"
-    if not lock.is_file():
-        raise VersioningError(f"{lock} is missing: nothing was recorded (`make record`) in this commit")
-    stages = yaml.safe_load(lock.read_text())["stages"]
-    return [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
+    if not (Path(workdir) / "dvc.lock").is_file():
+        raise VersioningError(f"{Path(workdir) / 'dvc.lock'} is missing: nothing was recorded (`make record`) "
+                              "in this commit")
+    return [path for path, _ in locked_objects(workdir)]
 
 
-def missing_from_cache(workdir: Path) -> list:
-    """Outputs of dvc.lock whose content is not in DVC's local cache."""
-    from dvc.repo import Repo
-
+def locked_objects(workdir: Path) -> list:
+    """(path, md5) of every output dvc.lock records."""
     stages = yaml.safe_load((Path(workdir) / "dvc.lock").read_text())["stages"]
-    with Repo(str(workdir)) as repo:
-        return [out["path"] for stage in stages.values() for out in stage.get("outs", [])
-                if not repo.cache.repo.exists(out["md5"])]
+    return [(out["path"], out["md5"]) for stage in stages.values() for out in stage.get("outs", [])]
 
 
-def describe_remote(workdir: Path, remote=None) -> str:
-    from dvc.repo import Repo
-
-    with Repo(str(workdir)) as repo:
-        name = remote or repo.config["core"].get("remote")
-        url = repo.config["remote"].get(name, {}).get("url", "?")
-    return f"'{name}' ({url})"
+def describe_remote(repo, remote=None) -> str:
+    name = remote or repo.config["core"].get("remote")
+    return f"'{name}' ({repo.config['remote'].get(name, {}).get('url', '?')})"
 
 
 def record(workdir: Path) -> None:
@@ -321,20 +311,28 @@ def push(workdir: Path, remote=None) -> None:
 def pull(workdir: Path, remote=None) -> None:
     """Fetch into DVC's cache first: if the remote is unreachable or lacks data, stop before the
     workspace is touched. Then check out, and tell Snakemake the outputs are current, but only once
-    DVC confirms that they are what this commit's config and code produce."""
-    remote_args = ["--remote", remote] if remote else []
+    DVC confirms that they are what this commit's config and code produce. DVC runs in this process:
+    three `dvc` commands would spend most of the time starting up."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
     outputs = locked_outputs(workdir)
     failure = "could not fetch the outputs recorded in dvc.lock from the DVC remote; the workspace was left as it was."
-    fetch = run_tool(["dvc", "fetch", *remote_args], workdir, failure)
-    # dvc fetch exits 0 (with a warning) when the remote lacks files or cannot be reached at all.
-    missing = missing_from_cache(workdir)
-    if missing:
-        warnings = [line for line in (fetch.stdout + fetch.stderr).splitlines() if line.startswith("WARNING")]
-        raise VersioningError(f"{failure}\n{len(missing)} of {len(outputs)} outputs are neither in the local cache "
-                              f"nor on remote {describe_remote(workdir, remote)}, e.g. {missing[:3]}.\n"
-                              + "\n".join(warnings[:1]))
-    run_tool(["dvc", "checkout"], workdir, "dvc checkout failed after a successful fetch.")
-    changed = json.loads(run_tool(["dvc", "status", "--json"], workdir, "dvc status failed.").stdout)
+    with Repo(str(workdir)) as repo:
+        try:
+            repo.fetch(remote=remote)
+        except DvcException as error:
+            raise VersioningError(f"{failure}\n{error}") from error
+        # fetch only warns when the remote lacks files or cannot be reached at all.
+        missing = [path for path, oid in locked_objects(workdir) if not repo.cache.repo.exists(oid)]
+        if missing:
+            raise VersioningError(f"{failure}\n{len(missing)} of {len(outputs)} outputs are neither in the local "
+                                  f"cache nor on remote {describe_remote(repo, remote)}, e.g. {missing[:3]}.")
+        try:
+            repo.checkout()
+        except DvcException as error:
+            raise VersioningError(f"dvc checkout failed after a successful fetch:\n{error}") from error
+        changed = repo.status()
     if changed:
         raise VersioningError(
             f"pulled {len(outputs)} outputs, but the workspace's config or code differs from what "
