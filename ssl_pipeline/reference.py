@@ -53,13 +53,17 @@ def contrastive_transform(augment: dict, mean, std, size) -> T.Compose:
     if augment["brightness_contrast"] > 0:
         steps.append(T.ColorJitter(brightness=augment["brightness_contrast"],
                                    contrast=augment["brightness_contrast"]))
-    steps.append(T.ToTensor())
+    return T.Compose(steps + to_normalized_tensor(augment, mean, std))
+
+
+def to_normalized_tensor(augment: dict, mean, std) -> list:
+    """PIL image -> tensor, random erasing if asked for, normalisation."""
+    steps = [T.ToTensor()]
     if augment["erase_probability"] > 0:
         # Before Normalize, so the box is black (0) as in ours; same area and aspect ranges.
         steps.append(T.RandomErasing(p=augment["erase_probability"], scale=(0.02, 0.25), ratio=(0.3, 3.3),
                                      value=0))
-    steps.append(T.Normalize(mean, std))
-    return T.Compose(steps)
+    return steps + [T.Normalize(mean, std)]
 
 
 def supervised_transform(augment: dict, mean, std, size) -> T.Compose:
@@ -70,12 +74,7 @@ def supervised_transform(augment: dict, mean, std, size) -> T.Compose:
         steps.append(T.RandomCrop(size, padding=augment["max_shift"]))
     if augment["flip"]:
         steps.append(T.RandomHorizontalFlip())
-    steps.append(T.ToTensor())
-    if augment["erase_probability"] > 0:
-        steps.append(T.RandomErasing(p=augment["erase_probability"], scale=(0.02, 0.25), ratio=(0.3, 3.3),
-                                     value=0))
-    steps.append(T.Normalize(mean, std))
-    return T.Compose(steps)
+    return T.Compose(steps + to_normalized_tensor(augment, mean, std))
 
 
 def data_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_pipeline.idx import encode_idx
 
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SMOKE = ("--configfile", "config/experiments/smoke.yaml")
+# Tests of what happens on a machine without CUDA; on a GPU machine they are moot.
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
 
 
 def require(condition: bool, what: str) -> None:

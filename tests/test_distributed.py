@@ -23,7 +23,7 @@ from ssl_pipeline.pretrain import pretrain
 from ssl_pipeline.runtime import (FAIL_ONCE, claim_free_gpu, fail_once_if_asked, release_gpus,
                                   select_device)
 from ssl_pipeline.training import load_checkpoint
-from tests.conftest import REPO, write_synthetic_idx
+from tests.conftest import REPO, needs_no_cuda, write_synthetic_idx
 
 MODEL = {"widths": [8, 16], "convs_per_stage": 1, "pool_size": 2}
 SIMCLR = {"temperature": 0.5, "projection_hidden_dim": 32, "projection_dim": 16}
@@ -154,15 +154,14 @@ def test_the_global_batch_must_split_evenly_over_the_processes(unlabeled_images,
 
 # ---- devices a scheduler hands out ---------------------------------------------------------------
 
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
-
-
 @needs_no_cuda
-def test_a_gpu_granted_by_the_scheduler_but_unusable_is_a_clear_warning_and_the_cpu(caplog, monkeypatch):
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+def test_a_gpu_granted_by_the_scheduler_but_unusable_is_a_clear_warning_and_the_cpu(caplog, monkeypatch,
+                                                                                    requested):
     """Slurm's --gpus=1 sets CUDA_VISIBLE_DEVICES; with config device auto that counts as asking."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with caplog.at_level(logging.WARNING):
-        assert select_device("auto", require_gpu=False) == torch.device("cpu")
+        assert select_device(requested, require_gpu=False) == torch.device("cpu")
     assert "CUDA_VISIBLE_DEVICES='0' but torch finds no usable CUDA device; falling back to the CPU" in caplog.text
 
 

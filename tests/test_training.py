@@ -1,6 +1,5 @@
 """Smoke training on a tiny synthetic dataset, on the CPU: the loops learn and respect their inputs."""
 import csv
-import logging
 import os
 import sys
 
@@ -14,7 +13,7 @@ from ssl_pipeline.preprocess import preprocess, write_label_subset
 from ssl_pipeline.pretrain import pretrain
 from ssl_pipeline.runtime import GpuUnavailable, select_device, select_precision
 from ssl_pipeline.training import load_checkpoint
-from tests.conftest import write_synthetic_idx
+from tests.conftest import needs_no_cuda, write_synthetic_idx
 
 CPU = {"device": "cpu", "require_gpu": False, "precision": "fp32", "threads": 1}
 MODEL = {"widths": [8, 16], "convs_per_stage": 1, "pool_size": 2}
@@ -181,19 +180,7 @@ def test_classification_metrics_from_a_known_confusion():
     assert metrics["per_class_accuracy"] == [0.5, pytest.approx(0.66667), 1.0]
 
 
-# ---- device selection (this machine class has no GPU; on a GPU machine these are moot) -------------
-
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
-
-
-@needs_no_cuda
-def test_asking_for_a_gpu_without_one_falls_back_to_the_cpu_and_says_so(caplog, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    with caplog.at_level(logging.WARNING):
-        assert select_device("cuda", require_gpu=False) == torch.device("cpu")
-    assert "CUDA_VISIBLE_DEVICES='0' but torch finds no usable CUDA device" in caplog.text
-    assert "falling back to the CPU" in caplog.text
-
+# ---- device selection (the fallback to the CPU: tests/test_distributed.py) -------------------------
 
 @needs_no_cuda
 def test_a_required_gpu_that_is_missing_is_an_error():
