@@ -78,12 +78,6 @@ def slurm_cluster():
     require(cluster_answers(), "no Slurm cluster answers (sinfo): install slurm-wlm and munge, run .ci/start-slurm")
 
 
-def copy_workflow_with_profiles(destination: Path) -> Path:
-    workdir = copy_workflow(destination)
-    shutil.copytree(REPO / "profiles", workdir / "profiles")
-    return workdir
-
-
 def submissions(output: str) -> list:
     """(Snakemake job id, Slurm job id, rule, Slurm log) of every job Snakemake submitted."""
     return [(int(job), slurm_id, re.search(r"/rule_(\w+)/", log).group(1), Path(log))
@@ -103,7 +97,7 @@ def rules_started(output: str, kind: str) -> list:
 
 def test_smoke_experiment_on_slurm_matches_the_local_run(slurm_cluster, real_smoke_run, tmp_path):
     local, local_seconds = real_smoke_run
-    workdir = copy_workflow_with_profiles(tmp_path / "workflow")
+    workdir = copy_workflow(tmp_path / "workflow")
     started = time.perf_counter()
     result = snakemake(workdir, *SLURM, *SMOKE)
     print(f"smoke DAG: local {local_seconds:.1f} s, one-node Slurm {time.perf_counter() - started:.1f} s")
@@ -154,7 +148,7 @@ def test_smoke_experiment_on_slurm_matches_the_local_run(slurm_cluster, real_smo
 def synthetic_workflow(tmp_path):
     """A copy of the workflow with profiles, configured for a tiny synthetic dataset in a local mirror;
     returns (workdir, config arguments)."""
-    workdir = copy_workflow_with_profiles(tmp_path / "workflow")
+    workdir = copy_workflow(tmp_path / "workflow")
     files = write_synthetic_idx(tmp_path / "mirror", num_classes=3, size=12, train_per_class=40)
     override = {
         "dataset": {"name": "synthetic", "mirrors": [str(tmp_path / "mirror")], "files": files,
