@@ -14,7 +14,6 @@ test accuracy first reaches each target.
 profile: torch.profiler's table of one implementation's steps.
 """
 import argparse
-import gzip
 import importlib.metadata
 import math
 import multiprocessing
@@ -38,11 +37,11 @@ from ssl_pipeline.artifacts import write_json, write_text
 from ssl_pipeline.config import load_config as config_with_overrides
 from ssl_pipeline.data import Normalizer, device_generator, shuffled_batches
 from ssl_pipeline.finetune import supervised_loss
-from ssl_pipeline.idx import parse_idx
 from ssl_pipeline.inference import accuracy
 from ssl_pipeline.models import Classifier, build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
-from ssl_pipeline.preprocess import as_nchw, normalization_statistics
+from ssl_pipeline.preprocess import load_split as read_split
+from ssl_pipeline.preprocess import normalization_statistics
 from ssl_pipeline.pretrain import contrastive_loss
 from ssl_pipeline.runtime import available_cpus, setup_runtime
 from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
@@ -92,12 +91,10 @@ def default_raw_dir(config: dict) -> Path:
                             "dataset.mirrors; run the pipeline's download step or pass --raw-dir")
 
 
-def read_raw(directory: Path, name: str) -> np.ndarray:
+def raw_path(directory: Path, name: str) -> Path:
     """An IDX file as a mirror holds it: `<name>.gz` or `<name>`."""
-    compressed, plain = directory / f"{name}.gz", directory / name
-    if compressed.is_file():
-        return parse_idx(gzip.decompress(compressed.read_bytes()), source=str(compressed))
-    return parse_idx(plain.read_bytes(), source=str(plain))
+    compressed = directory / f"{name}.gz"
+    return compressed if compressed.is_file() else directory / name
 
 
 @dataclass
@@ -108,9 +105,9 @@ class Split:
 
 def load_split(raw_dir, config: dict, split: str, limit=None) -> Split:
     files = config["dataset"]["files"]
-    images = as_nchw(read_raw(Path(raw_dir), files[f"{split}_images"]["name"]), split)[:limit]
-    labels = read_raw(Path(raw_dir), files[f"{split}_labels"]["name"]).astype(np.int64)[:limit]
-    return Split(np.ascontiguousarray(images), labels)
+    images, labels = read_split(raw_path(Path(raw_dir), files[f"{split}_images"]["name"]),
+                                raw_path(Path(raw_dir), files[f"{split}_labels"]["name"]))
+    return Split(np.ascontiguousarray(images[:limit]), labels[:limit].astype(np.int64))
 
 
 def endless(make_iterable):

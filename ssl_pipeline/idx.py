@@ -4,11 +4,13 @@ Layout: a big-endian header `0x00 0x00 <dtype code> <ndims>`, one uint32 per dim
 values in C order. We accept only unsigned bytes (dtype code 0x08), which is what image and label
 files use.
 """
+import gzip
 from pathlib import Path
 
 import numpy as np
 
 UNSIGNED_BYTE = 0x08
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class IdxFormatError(ValueError):
@@ -48,7 +50,11 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    return parse_idx(Path(path).read_bytes(), source=str(path))
+    """An IDX file, plain or gzip-compressed (as mirrors serve them)."""
+    data = Path(path).read_bytes()
+    if data[:2] == GZIP_MAGIC:
+        data = gzip.decompress(data)
+    return parse_idx(data, source=str(path))
 
 
 def encode_idx(array: np.ndarray) -> bytes:
