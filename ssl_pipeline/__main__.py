@@ -22,8 +22,26 @@ def add_threads(parser):
     parser.add_argument("--threads", type=int, required=True, help="CPU threads the scheduler granted")
 
 
+def add_resume(parser):
+    """Resume options come from config `compute` as resources, not as --settings: editing them must
+    not rerun a finished job (ssl_pipeline/settings.py, NOT_JOB_SETTINGS)."""
+    parser.add_argument("--resume-file", required=True,
+                        help="where the job keeps its resume state (not an output: it survives a failure)")
+    parser.add_argument("--checkpoint-every", type=float, required=True,
+                        help="minutes of wall time between writes of the resume state; 0: every step")
+    parser.add_argument("--stop-margin-seconds", type=int, required=True,
+                        help="seconds before a Slurm job's time limit at which training stops")
+    parser.add_argument("--resume", choices=["same_settings", "any_settings", "off"], required=True,
+                        help="continue from a resume file of the same settings, of any settings, or never")
+
+
 def compute_of(args) -> dict:
     return {**args.settings["compute"], "threads": args.threads}
+
+
+def resume_of(args) -> dict:
+    return {"path": args.resume_file, "checkpoint_every": args.checkpoint_every,
+            "stop_margin_seconds": args.stop_margin_seconds, "mode": args.resume}
 
 
 def run_download(args):
@@ -57,14 +75,14 @@ def run_pretrain(args):
     # Several processes: this one becomes torchrun, which runs this same command once per process.
     relaunch_under_torchrun(processes_for(args.settings["pretrain"]["processes"], args.gpus), sys.argv[1:])
     pretrain(args.train_images, args.normalization, args.checkpoint, args.curve,
-             args.settings["pretrain"], args.settings["model"], compute_of(args))
+             args.settings["pretrain"], args.settings["model"], compute_of(args), resume_of(args))
 
 
 def run_finetune(args):
     from ssl_pipeline.finetune import finetune
 
     finetune(args.data_dir, args.subset, args.encoder, args.model, args.curve, args.init, args.fraction,
-             args.seed, args.settings["finetune"], args.settings["model"], compute_of(args))
+             args.seed, args.settings["finetune"], args.settings["model"], compute_of(args), resume_of(args))
 
 
 def run_evaluate(args):
@@ -122,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--gpus", type=int, default=0,
                        help="GPUs the scheduler granted the job; with pretrain.processes 'auto', one "
                             "data-parallel process per GPU")
+    add_resume(stage)
     stage.add_argument("--checkpoint", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_pretrain)
@@ -135,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--seed", type=int, required=True)
     add_settings(stage, "finetune, model, compute")
     add_threads(stage)
+    add_resume(stage)
     stage.add_argument("--model", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_finetune)
@@ -173,7 +193,11 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except Exception as error:  # one clear line for the log; the traceback follows for debugging
+    except Exception as error:
+        if hasattr(error, "exit_status"):  # a stop the stage explains fully (ssl_pipeline/resume.py)
+            logging.getLogger("ssl_pipeline").error("%s", error)
+            return error.exit_status
+        # One clear line for the log; the traceback follows for debugging.
         logging.getLogger("ssl_pipeline").error("%s failed: %s", args.stage, error)
         raise
     return 0

@@ -50,6 +50,34 @@ def shuffled_batches(num_items: int, batch_size: int, generator: torch.Generator
         yield order[start:start + batch_size]
 
 
+class BatchOrder:
+    """The batches of shuffled_batches, epoch after epoch, as a position that a resume file can
+    save and restore: the current epoch's permutation and how many of its batches were taken. A new
+    permutation is drawn when the first batch of an epoch is asked for, as shuffled_batches does."""
+
+    def __init__(self, num_items: int, batch_size: int, generator: torch.Generator, device):
+        self.num_items, self.generator, self.device = num_items, generator, device
+        self.batch_size = min(batch_size, num_items)
+        self.steps_per_epoch = num_items // self.batch_size
+        self.order = None  # (num_items,) int64 on the device
+        self.taken = self.steps_per_epoch
+
+    def next_batch(self) -> torch.Tensor:
+        if self.taken == self.steps_per_epoch:
+            self.order = torch.randperm(self.num_items, generator=self.generator, device=self.device)
+            self.taken = 0
+        start = self.taken * self.batch_size
+        self.taken += 1
+        return self.order[start:start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"order": None if self.order is None else self.order.cpu(), "taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = None if state["order"] is None else state["order"].to(self.device)
+        self.taken = state["taken"]
+
+
 def device_generator(device, seed: int) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)

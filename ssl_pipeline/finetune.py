@@ -9,20 +9,18 @@ import torch.nn.functional as F
 
 from ssl_pipeline.artifacts import read_json
 from ssl_pipeline.augment import supervised_view
-from ssl_pipeline.data import Normalizer, device_generator, load_array, load_labels, shuffled_batches
+from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array, load_labels
+from ssl_pipeline.distributed import Ranks
 from ssl_pipeline.inference import accuracy
 from ssl_pipeline.models import Classifier, build_encoder, prepare
+from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
+                                 resume_options, shared_state)
 from ssl_pipeline.runtime import setup_runtime
 from ssl_pipeline.training import (Stopwatch, adamw, load_checkpoint, optimisation_step, save_checkpoint,
                                    warmup_cosine, write_curve)
 
 log = logging.getLogger(__name__)
 INITS = ("pretrained", "scratch")
-
-
-def endless_batches(num_items, batch_size, generator, device):
-    while True:
-        yield from shuffled_batches(num_items, batch_size, generator, device)
 
 
 def load_pretrained_encoder(encoder, checkpoint_path, model_settings):
@@ -49,20 +47,25 @@ def supervised_loss(model, normalize, batch, labels, settings: dict, generator, 
 
 
 def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: str,
-             label_fraction: float, seed: int, settings: dict, model_settings: dict, compute: dict) -> dict:
-    """data_dir: preprocess's output directory; encoder_path: None when init is 'scratch'."""
+             label_fraction: float, seed: int, settings: dict, model_settings: dict, compute: dict,
+             resume=None) -> dict:
+    """data_dir: preprocess's output directory; encoder_path: None when init is 'scratch'; resume: the
+    resume file's path and config compute's resume keys (ssl_pipeline/resume.py)."""
     # ---- setup ------------------------------------------------------------------------------------
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     runtime = setup_runtime(compute, seed)
     device = runtime.device
-    card = read_json(f"{data_dir}/card.json")
+    data_files = {name: f"{data_dir}/{name}.{kind}" for name, kind in [
+        ("card", "json"), ("normalization", "json"), ("train_images", "npy"), ("train_labels", "npy"),
+        ("val_images", "npy"), ("val_labels", "npy")]}
+    card = read_json(data_files["card"])
     subset = torch.from_numpy(np.load(subset_path)).to(device)
-    images = load_array(f"{data_dir}/train_images.npy", device)[subset]  # uint8 (n, C, H, W)
-    labels = load_labels(f"{data_dir}/train_labels.npy", device)[subset]
-    val_images = load_array(f"{data_dir}/val_images.npy", device)
-    val_labels = load_labels(f"{data_dir}/val_labels.npy", device)
-    normalize = Normalizer.load(f"{data_dir}/normalization.json", device)
+    images = load_array(data_files["train_images"], device)[subset]  # uint8 (n, C, H, W)
+    labels = load_labels(data_files["train_labels"], device)[subset]
+    val_images = load_array(data_files["val_images"], device)
+    val_labels = load_labels(data_files["val_labels"], device)
+    normalize = Normalizer.load(data_files["normalization"], device)
 
     encoder = build_encoder(model_settings, images.shape[1])
     if init == "pretrained":
@@ -74,18 +77,39 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     scheduler = warmup_cosine(optimizer, int(settings["warmup_fraction"] * total_steps), total_steps)
     eval_every = math.ceil(total_steps / settings["evaluations"])
     generator = device_generator(device, seed)
+    order = BatchOrder(len(images), settings["batch_size"], generator, device)
+
+    # ---- resume state -----------------------------------------------------------------------------
+    job_settings = {"finetune": settings, "model": model_settings, "compute": compute, "init": init,
+                    "label_fraction": label_fraction, "seed": seed}
+    resume = resume_options(resume, model_path)
+    resume_file = ResumeFile(resume["path"], job_identity(
+        "finetune", job_settings, {**data_files, "subset": subset_path, "encoder": encoder_path}), resume["mode"])
+    done, curve, best = 0, [], {"val_accuracy": -1.0}
+    running_loss = torch.zeros((), device=device)
+    saved = resume_file.load()
+    if saved is not None:
+        done, curve, own = restore_training(saved, 0, {"model": model}, optimizer, scheduler, generator, order)
+        running_loss = own["running_loss"].to(device)
+        best = {**saved["best"], "state": {k: v.to(device) for k, v in saved["best"].get("state", {}).items()}}
+        log.info("resuming from %s after step %d of %d", resume_file.path, done, total_steps)
+
+    def snapshot():
+        return (shared_state({"model": model}, optimizer, scheduler, curve=curve, best=best,
+                             elapsed_seconds=clock.seconds()),
+                own_state(generator, order, running_loss=running_loss.cpu()))
+
+    checkpointer = Checkpointer("finetune", resume_file, resume, Ranks(), device,
+                                lambda step: f"step {step} of {total_steps}", eval_every)
     log.info("%s %s from %s on %d labeled images (%s), %d steps, validation every %d",
              settings["mode"], init, encoder_path or "random init", len(images), subset_path,
              total_steps, eval_every)
 
     # ---- training loop ----------------------------------------------------------------------------
-    curve, clock = [], Stopwatch(device)
-    best = {"val_accuracy": -1.0}
-    running_loss = torch.zeros((), device=device)
-    batches = endless_batches(len(images), settings["batch_size"], generator, device)
-    for step in range(1, total_steps + 1):
+    clock = Stopwatch(device, saved["elapsed_seconds"] if saved else 0.0)
+    for step in range(done + 1, total_steps + 1):
         model.train()
-        batch_index = next(batches)
+        batch_index = order.next_batch()
         loss = supervised_loss(model, normalize, images[batch_index], labels[batch_index], settings,
                                generator, runtime)
         optimisation_step(loss, optimizer, scheduler)
@@ -100,8 +124,10 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
             if val_accuracy > best["val_accuracy"]:
                 best = {"val_accuracy": val_accuracy, "step": step,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        checkpointer.after_step(step, loss, snapshot)
 
     # ---- outputs ----------------------------------------------------------------------------------
+    checkpointer.finish()
     save_checkpoint(model_path, {
         "model": best["state"],
         "num_classes": card["num_classes"],
@@ -113,5 +139,6 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
                    "label_fraction": label_fraction, "seed": seed},
     })
     write_curve(curve_path, curve)
+    resume_file.delete()
     log.info("kept step %d, validation accuracy %.4f", best["step"], best["val_accuracy"])
     return {"best_step": best["step"], "best_val_accuracy": best["val_accuracy"]}

@@ -10,9 +10,11 @@ import torch
 
 from ssl_pipeline import distributed
 from ssl_pipeline.augment import contrastive_view
-from ssl_pipeline.data import Normalizer, device_generator, load_array, shuffled_batches
+from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array
 from ssl_pipeline.models import build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
+from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
+                                 resume_options, shared_state)
 from ssl_pipeline.runtime import fail_once_if_asked, setup_runtime
 from ssl_pipeline.training import (Stopwatch, adamw, optimisation_step, save_checkpoint, warmup_cosine,
                                    write_curve)
@@ -31,8 +33,9 @@ def contrastive_loss(encoder, objective, normalize, batch, augment: dict, genera
 
 
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
-             settings: dict, model_settings: dict, compute: dict) -> dict:
-    """settings: config `pretrain`; model_settings: config `model`; compute: config `compute`.
+             settings: dict, model_settings: dict, compute: dict, resume=None) -> dict:
+    """settings: config `pretrain`; model_settings: config `model`; compute: config `compute`;
+    resume: the resume file's path and config compute's resume keys (ssl_pipeline/resume.py).
     Run by torchrun as several processes, each trains on its shard and rank 0 writes the outputs."""
     # ---- setup ------------------------------------------------------------------------------------
     fail_once_if_asked("pretrain")
@@ -51,39 +54,67 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     objective = build_objective(settings["objective"], encoder.feature_dim,
                                 settings[settings["objective"]]).to(device)
     optimizer = adamw(list(encoder.parameters()) + list(objective.parameters()), settings)
-    batch_size = settings["batch_size"] // ranks.world_size  # per rank; the loss sees all ranks' images
-    steps_per_epoch = max(1, len(images) // min(batch_size, len(images)))
+    generator = device_generator(device, settings["seed"] + ranks.rank)  # own order and augmentations
+    # Per rank; the loss sees all ranks' images.
+    order = BatchOrder(len(images), settings["batch_size"] // ranks.world_size, generator, device)
+    steps_per_epoch = order.steps_per_epoch
     total_steps = settings["epochs"] * steps_per_epoch
     scheduler = warmup_cosine(optimizer, settings["warmup_epochs"] * steps_per_epoch, total_steps)
-    generator = device_generator(device, settings["seed"] + ranks.rank)  # own order and augmentations
     parallel_encoder = distributed.data_parallel(encoder, ranks, device)
     parallel_objective = distributed.data_parallel(objective, ranks, device)
+
+    # ---- resume state -----------------------------------------------------------------------------
+    identity = job_identity("pretrain", {"pretrain": settings, "model": model_settings, "compute": compute},
+                            {"train_images": train_images_path, "normalization": normalization_path},
+                            ranks.world_size)
+    resume = resume_options(resume, checkpoint_path)
+    resume_file = ResumeFile(resume["path"], identity, resume["mode"])
+    modules = {"encoder": encoder, "objective": objective}
+
+    def describe(step):
+        epoch, within = divmod(step - 1, steps_per_epoch)
+        return f"epoch {epoch + 1}, step {within + 1} of {steps_per_epoch}"
+
+    done, curve, epoch_loss = 0, [], torch.zeros((), device=device)  # loss summed on the device: no sync
+    saved = resume_file.load()
+    if saved is not None:
+        done, curve, own = restore_training(saved, ranks.rank, modules, optimizer, scheduler, generator, order)
+        epoch_loss = own["epoch_loss"].to(device)
+        log.info("resuming from %s after %s", resume_file.path, describe(done))
+
+    def snapshot():
+        return (shared_state(modules, optimizer, scheduler, curve=curve, elapsed_seconds=clock.seconds()),
+                own_state(generator, order, epoch_loss=epoch_loss.cpu()))
+
+    checkpointer = Checkpointer("pretrain", resume_file, resume, ranks, device, describe, steps_per_epoch)
     log.info("pretraining %s on %d images, %d epochs of %d steps, in %d data-parallel process(es)",
              settings["objective"], len(images) * ranks.world_size, settings["epochs"], steps_per_epoch,
              ranks.world_size)
 
     # ---- training loop ----------------------------------------------------------------------------
-    curve, clock = [], Stopwatch(device)
+    clock = Stopwatch(device, saved["elapsed_seconds"] if saved else 0.0)
     encoder.train()
     objective.train()
-    for epoch in range(1, settings["epochs"] + 1):
-        epoch_loss = torch.zeros((), device=device)  # summed on the device: no per-step host sync
-        for batch_index in shuffled_batches(len(images), batch_size, generator, device):
-            loss = contrastive_loss(parallel_encoder, parallel_objective, normalize, images[batch_index],
-                                    settings["augment"], generator, runtime)
-            optimisation_step(loss, optimizer, scheduler)
-            epoch_loss += loss.detach()
-        elapsed = clock.seconds()
-        curve.append({
-            "epoch": epoch,
-            "loss": round(epoch_loss.item() / steps_per_epoch, 5),
-            "learning_rate": scheduler.get_last_lr()[0],
-            "elapsed_seconds": round(elapsed, 2),
-            "images_per_second": round(2 * epoch * steps_per_epoch * settings["batch_size"] / elapsed, 1),
-        })
-        log.info("epoch %(epoch)d loss %(loss).4f  %(images_per_second).0f views/s", curve[-1])
+    for step in range(done + 1, total_steps + 1):
+        loss = contrastive_loss(parallel_encoder, parallel_objective, normalize, images[order.next_batch()],
+                                settings["augment"], generator, runtime)
+        optimisation_step(loss, optimizer, scheduler)
+        epoch_loss += loss.detach()
+        if step % steps_per_epoch == 0:
+            epoch, elapsed = step // steps_per_epoch, clock.seconds()
+            curve.append({
+                "epoch": epoch,
+                "loss": round(epoch_loss.item() / steps_per_epoch, 5),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "elapsed_seconds": round(elapsed, 2),
+                "images_per_second": round(2 * step * settings["batch_size"] / elapsed, 1),
+            })
+            epoch_loss.zero_()
+            log.info("epoch %(epoch)d loss %(loss).4f  %(images_per_second).0f views/s", curve[-1])
+        checkpointer.after_step(step, loss, snapshot)
 
     # ---- outputs ----------------------------------------------------------------------------------
+    checkpointer.finish()
     if ranks.is_main:
         save_checkpoint(checkpoint_path, {
             "encoder": encoder.state_dict(),
@@ -92,5 +123,6 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
             "config": {"pretrain": settings, "model": model_settings},
         })
         write_curve(curve_path, curve)
+        resume_file.delete()
     distributed.leave(ranks)
     return curve[-1]

@@ -17,8 +17,11 @@ RULE_CONFIG_KEYS = {
 }
 
 # Keys that are not settings of one job: the run lists decide which jobs exist (they are wildcards),
-# and threads come from the scheduler. Editing them must not rerun a job that already exists.
-NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "compute.threads"}
+# threads come from the scheduler, and the resume keys decide how a job survives interruptions, not
+# what it computes (rules pass them as resources). Editing them must not rerun a job that exists.
+RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume"}
+NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "compute.threads",
+                    *RESUME_KEYS}
 
 
 def lookup(config: dict, key: str):

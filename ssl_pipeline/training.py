@@ -30,6 +30,22 @@ def optimisation_step(loss, optimizer, scheduler) -> None:
     scheduler.step()
 
 
+def restore_optimisation(optimizer, scheduler, optimizer_state: dict, scheduler_state: dict) -> None:
+    """Load saved optimizer and scheduler state (moments, step counts, schedule position) but keep
+    the hyperparameters of this run, so a resumed run may lower the learning rate. With unchanged
+    settings this gives exactly the saved learning rate: LambdaLR computes it the same way."""
+    fresh_groups = [{key: value for key, value in group.items() if key != "params"}
+                    for group in optimizer.param_groups]
+    fresh_base_lrs = list(scheduler.base_lrs)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    scheduler.base_lrs = fresh_base_lrs
+    for group, fresh, base_lr, factor in zip(optimizer.param_groups, fresh_groups, fresh_base_lrs,
+                                             scheduler.lr_lambdas):
+        group.update(fresh)
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+
+
 def save_checkpoint(path, payload: dict) -> None:
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
@@ -48,11 +64,12 @@ def write_curve(path, rows: list) -> None:
 
 class Stopwatch:
     """Wall time that waits for queued GPU work, so throughput figures are true. Call it at epoch or
-    evaluation boundaries only: synchronising every step would stall the GPU."""
+    evaluation boundaries only: synchronising every step would stall the GPU. A resumed run starts it
+    at the seconds its earlier attempts trained."""
 
-    def __init__(self, device):
+    def __init__(self, device, already: float = 0.0):
         self.device = device
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - already
 
     def seconds(self) -> float:
         if self.device.type == "cuda":

@@ -111,16 +111,27 @@ def unlabeled_images(tmp_path_factory):
     return root / "data"
 
 
-def run_pretrain_command(data_dir, out_dir, settings, threads=2, gpus=0, env=None):
-    command = [sys.executable, "-m", "ssl_pipeline", "pretrain",
-               "--train-images", str(data_dir / "train_images.npy"),
-               "--normalization", str(data_dir / "normalization.json"),
-               "--settings", json.dumps({"pretrain": settings, "model": MODEL, "compute": COMPUTE}),
-               "--threads", str(threads), "--gpus", str(gpus),
-               "--checkpoint", str(out_dir / "encoder.pt"), "--curve", str(out_dir / "curve.csv")]
+def pretrain_command(data_dir, out_dir, settings, threads=2, gpus=0, checkpoint_every=5.0) -> list:
+    """`python -m ssl_pipeline pretrain` as the rule calls it, with outputs and resume file in out_dir."""
+    return [sys.executable, "-m", "ssl_pipeline", "pretrain",
+            "--train-images", str(data_dir / "train_images.npy"),
+            "--normalization", str(data_dir / "normalization.json"),
+            "--settings", json.dumps({"pretrain": settings, "model": MODEL, "compute": COMPUTE}),
+            "--threads", str(threads), "--gpus", str(gpus), "--resume-file", str(out_dir / "resume.pt"),
+            "--checkpoint-every", str(checkpoint_every), "--stop-margin-seconds", "120",
+            "--resume", "same_settings",
+            "--checkpoint", str(out_dir / "encoder.pt"), "--curve", str(out_dir / "curve.csv")]
+
+
+def command_env(env=None) -> dict:
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     environment.pop("CUDA_VISIBLE_DEVICES", None)
-    return subprocess.run(command, cwd=out_dir, env=environment, capture_output=True, text=True, timeout=300)
+    return environment
+
+
+def run_pretrain_command(data_dir, out_dir, settings, threads=2, gpus=0, env=None):
+    return subprocess.run(pretrain_command(data_dir, out_dir, settings, threads, gpus), cwd=out_dir,
+                          env=command_env(env), capture_output=True, text=True, timeout=300)
 
 
 def test_two_processes_pretrain_on_their_shards_and_rank_0_writes_a_checkpoint_that_loads(

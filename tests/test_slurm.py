@@ -178,21 +178,42 @@ def running_job_of_rule(rule: str, workdir: Path, timeout: float = 240) -> str:
     raise AssertionError(f"no job of rule {rule} ran within {timeout} s")
 
 
-def test_a_cancelled_job_fails_the_run_then_the_rerun_retries_a_failed_job(slurm_cluster, synthetic_workflow,
-                                                                            tmp_path):
+def wait_for_line(path: Path, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"{path} did not say {text!r} within {timeout} s"
+        time.sleep(0.2)
+
+
+def assert_same_encoder(workdir: Path, reference: Path) -> None:
+    ours, theirs = (torch.load(root / ENCODER, weights_only=True)["encoder"] for root in (workdir, reference))
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_cancelled_job_stops_at_a_step_then_the_rerun_retries_a_failed_job_and_resumes(
+        slurm_cluster, synthetic_workflow, tmp_path):
     """One workflow for both failures, since every Slurm run here costs tens of seconds."""
     workdir, config = synthetic_workflow
-    (workdir / "slow.yaml").write_text(yaml.safe_dump({"pretrain": {"epochs": 60}}))  # time to cancel it
+    # Long enough to cancel it while it trains; no resume state but the one SIGTERM makes it write.
+    slow = {"pretrain": {"epochs": 2000}, "compute": {"checkpoint_every": 60}}
+    (workdir / "slow.yaml").write_text(yaml.safe_dump(slow))
     arguments = (ENCODER, *SLURM, *config, "slow.yaml")
+    reference = copy_workflow(tmp_path / "reference")
+    for name in ("synthetic.yaml", "slow.yaml"):
+        (reference / name).write_text((workdir / name).read_text())
+    snakemake(reference, ENCODER, "--cores", "2", *config, "slow.yaml")
 
-    # ---- scancel a running job: Snakemake stops and says which job and why -------------------------
+    # ---- scancel a training job: it writes its state at the next step, and Snakemake says why it failed --
     # No retries here, or Snakemake would submit the cancelled job again.
     run = subprocess.Popen([sys.executable, "-m", "snakemake", *arguments, "--retries", "0"], cwd=workdir,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=tool_env())
+    log = workdir / "results" / "logs" / "pretrain.log"
     try:
         cancelled = running_job_of_rule("pretrain", workdir)
-        subprocess.run(["scancel", cancelled], check=True)
+        wait_for_line(log, "pretraining simclr on")
+        subprocess.run(["scancel", cancelled], check=True)  # SIGTERM to the job's processes, then SIGKILL
         output, _ = run.communicate(timeout=240)
     finally:
         if run.poll() is None:
@@ -200,6 +221,10 @@ def test_a_cancelled_job_fails_the_run_then_the_rerun_retries_a_failed_job(slurm
     assert run.returncode != 0
     assert "Error in rule pretrain" in output
     assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in output
+    stop = re.search(r"pretrain stopped by SIGTERM at epoch (\d+), step 1 of 1; its state is in "
+                     r"results/resume/pretrain.pt: run the same command again to continue$",
+                     log.read_text().strip())
+    assert stop, log.read_text()[-2000:]
     # What the cancelled job had asked Slurm for: the profile's GPU, memory and time of a first attempt.
     job = slurm_job(cancelled)
     assert "TresPerJob=gres:gpu:1" in job and "MinMemoryNode=4G" in job and "TimeLimit=02:00:00" in job
@@ -221,4 +246,50 @@ def test_a_cancelled_job_fails_the_run_then_the_rerun_retries_a_failed_job(slurm
     assert "MinMemoryNode=4G" in first and "TimeLimit=02:00:00" in first
     assert "MinMemoryNode=8G" in second and "TimeLimit=04:00:00" in second
     assert "TresPerJob=gres:gpu:1" in first and "TresPerJob=gres:gpu:1" in second
-    assert "the injected failure already happened" in (workdir / "results" / "logs" / "pretrain.log").read_text()
+    assert "the injected failure already happened" in log.read_text()
+    # The successful attempt continued where the cancelled job stopped, to an uninterrupted run's weights.
+    assert f"resuming from results/resume/pretrain.pt after epoch {stop[1]}, step 1 of 1" in log.read_text()
+    assert_same_encoder(workdir, reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resumable training: a job at its time limit stops itself, and its retry resumes
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_job_near_its_time_limit_stops_itself_and_its_retry_resumes_to_the_same_weights(slurm_cluster, tmp_path):
+    """One minute for the first attempt, two for the second (the profile's `runtime: N * attempt`).
+    Training stops 50 s before the limit that Slurm reports for the job, with its state written; the
+    retry continues from it. The weights equal those of an uninterrupted local run."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    files = write_synthetic_idx(tmp_path / "mirror", num_classes=3, size=28, train_per_class=1000)
+    override = {
+        "dataset": {"name": "synthetic", "mirrors": [str(tmp_path / "mirror")], "files": files, "class_names": []},
+        "data": {"validation_fraction": 0.25},
+        "pretrain": {"epochs": 50},  # 400 steps: about 25 s on this 2-core machine
+        "compute": {"stop_margin_seconds": 50},
+    }
+    (workdir / "timed.yaml").write_text(yaml.safe_dump(override))
+    config = (*SMOKE, "timed.yaml")
+    profile = workdir / "profiles" / "slurm" / "config.yaml"
+    profile.write_text(profile.read_text().replace("runtime: 120 * attempt", "runtime: 1 * attempt"))
+    reference = copy_workflow(tmp_path / "reference")
+    (reference / "timed.yaml").write_text((workdir / "timed.yaml").read_text())
+    snakemake(reference, ENCODER, "--cores", "2", *config)
+
+    started = time.perf_counter()
+    result = snakemake(workdir, ENCODER, *SLURM, *config)
+    print(f"pretraining stopped at its time limit, retried and resumed: {time.perf_counter() - started:.0f} s "
+          "for the whole run")
+    output = result.stdout + result.stderr
+    attempts = [slurm_job(slurm_id) for _, slurm_id, rule, _ in submissions(output) if rule == "pretrain"]
+    assert len(attempts) == 2, output
+    # The first attempt ended itself (FAILED, not TIMEOUT) and said why; the retry had twice the time.
+    assert "JobState=FAILED" in attempts[0] and "TimeLimit=00:01:00" in attempts[0]
+    assert "JobState=COMPLETED" in attempts[1] and "TimeLimit=00:02:00" in attempts[1]
+    stop = re.search(r"pretrain stopped at epoch (\d+), step (\d+) of 8, 50 s before its Slurm job's time limit",
+                     output)
+    assert stop, output  # the failed attempt's log, as Snakemake shows it
+    log = (workdir / "results" / "logs" / "pretrain.log").read_text()
+    assert f"resuming from results/resume/pretrain.pt after epoch {stop[1]}, step {stop[2]} of 8" in log
+    assert not (workdir / "results" / "resume" / "pretrain.pt").exists()
+    assert_same_encoder(workdir, reference)

@@ -24,6 +24,8 @@ RAW = f"{RESULTS}/raw"
 DATA = f"{RESULTS}/data"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
+# Resume state of training jobs: not an output, so it survives a failed job (ssl_pipeline/resume.py).
+RESUME = f"{RESULTS}/resume"
 SPLITS = ("train", "val", "test")
 
 
@@ -45,6 +47,16 @@ def settings_of(rule_name):
     """JSON of the config keys `rule_name` reads (ssl_pipeline/settings.py): a param, so changing one
     of them reruns the rule's jobs, and only those."""
     return json.dumps(rule_settings(config, rule_name), sort_keys=True)
+
+
+def resume_resources():
+    """config compute's resume keys, as resources: unlike params, editing them reruns no finished job."""
+    compute = config["compute"]
+    return {
+        "checkpoint_every": str(compute["checkpoint_every"]),
+        "stop_margin_seconds": compute["stop_margin_seconds"],
+        "resume": compute["resume"],
+    }
 
 
 def fraction_name(fraction):

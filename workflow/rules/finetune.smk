@@ -12,6 +12,7 @@ rule finetune:
         settings=settings_of("finetune"),
         data_dir=directory_of("card"),
         encoder=encoder_option,
+        resume_file=f"{RESUME}/finetune/{RUN}.pt",
     log:
         f"{LOGS}/finetune/{RUN}.log",
     benchmark:
@@ -21,10 +22,14 @@ rule finetune:
         gpu=1,
         mem_mb=4096,
         runtime=60,
+        **resume_resources(),
     conda:
         "../../envs/finetune.yaml"
     shell:
         "python -m ssl_pipeline finetune --data-dir {params.data_dir} --subset {input.subset}"
         " {params.encoder} --init {wildcards.init} --fraction {wildcards.fraction}"
         " --seed {wildcards.seed} --settings {params.settings:q}"
-        " --threads {threads} --model {output.model} --curve {output.curve} > {log} 2>&1"
+        " --threads {threads} --resume-file {params.resume_file}"
+        " --checkpoint-every {resources.checkpoint_every} --resume {resources.resume}"
+        " --stop-margin-seconds {resources.stop_margin_seconds}"
+        " --model {output.model} --curve {output.curve} > {log} 2>&1"

@@ -10,6 +10,7 @@ rule pretrain:
         curve=f"{RESULTS}/pretrain/curve.csv",
     params:
         settings=settings_of("pretrain"),
+        resume_file=f"{RESUME}/pretrain.pt",
     log:
         f"{LOGS}/pretrain.log",
     benchmark:
@@ -19,9 +20,13 @@ rule pretrain:
         gpu=1,
         mem_mb=4096,
         runtime=120,
+        **resume_resources(),
     conda:
         "../../envs/pretrain.yaml"
     shell:
         "python -m ssl_pipeline pretrain --train-images {input.images}"
         " --normalization {input.normalization} --settings {params.settings:q} --threads {threads}"
-        " --gpus {resources.gpu} --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"
+        " --gpus {resources.gpu} --resume-file {params.resume_file}"
+        " --checkpoint-every {resources.checkpoint_every} --resume {resources.resume}"
+        " --stop-margin-seconds {resources.stop_margin_seconds}"
+        " --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"
