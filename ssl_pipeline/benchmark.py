@@ -152,8 +152,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
     in_channels, image_shape = train.images.shape[1], train.images.shape[1:]
     if stage == "pretrain":
         encoder = prepare(build_encoder(config["model"], in_channels), device)
-        objective = build_objective(settings["objective"], encoder.feature_dim,
-                                    settings[settings["objective"]]).to(device)
+        objective = build_objective(settings["objective"], encoder, settings[settings["objective"]]).to(device)
         modules, loss_name = (encoder, objective), f"{settings['objective']} on two views"
     else:
         num_classes = int(train.labels.max()) + 1
@@ -186,7 +185,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
             with torch.profiler.record_function("forward"):
                 if stage == "pretrain":
                     return contrastive_loss(encoder, objective, normalize, images[index], settings["augment"],
-                                            generator, runtime)
+                                            generator, runtime)[0]
                 return supervised_loss(model, normalize, images[index], labels[index], settings, generator,
                                        runtime)
     else:
@@ -216,13 +215,15 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
         loss = batch_loss()
         with torch.profiler.record_function("update"):
             optimisation_step(loss, optimizer, scheduler)
+            if stage == "pretrain":
+                objective.after_step(encoder, 1, CONSTANT_SCHEDULE_STEPS)  # momentum targets, where any
 
     trainer.step = step
     return trainer
 
 
 def parameter_count(trainer: Trainer) -> int:
-    return sum(p.numel() for module in trainer.modules for p in module.parameters())
+    return sum(p.numel() for module in trainer.modules for p in module.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------------

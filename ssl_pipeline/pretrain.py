@@ -12,7 +12,7 @@ from ssl_pipeline import distributed
 from ssl_pipeline.augment import contrastive_view
 from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array
 from ssl_pipeline.models import build_encoder, prepare
-from ssl_pipeline.objectives import build_objective
+from ssl_pipeline.objectives import COLLAPSE_FACTOR, build_objective, embedding_std, is_collapsed
 from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
 from ssl_pipeline.runtime import fail_once_if_asked, setup_runtime
@@ -23,13 +23,34 @@ log = logging.getLogger(__name__)
 
 
 def contrastive_loss(encoder, objective, normalize, batch, augment: dict, generator, runtime):
-    """uint8 batch (B, C, H, W) -> the objective's loss on two augmented views of every image.
-    augment: config `pretrain.augment`. The benchmark times this same function."""
+    """uint8 batch (B, C, H, W) -> (the objective's loss on two augmented views of every image, the
+    objective's embeddings of the views (2B, D)). augment: config `pretrain.augment`. The benchmark
+    times this same function."""
     unit = normalize.to_unit(batch)  # (B, C, H, W) in [0, 1]
     views = torch.cat([contrastive_view(unit, augment, generator) for _ in range(2)])  # (2B, C, H, W)
     with runtime.autocast():
-        features = encoder(normalize.standardise(views))  # (2B, F)
-        return objective(*features.chunk(2))
+        views = normalize.standardise(views)
+        return objective(encoder(views), views, generator)
+
+
+def epoch_record(step: int, sums: list, steps_per_epoch: int, scheduler, clock, settings) -> dict:
+    """One row of the curve at the end of an epoch; sums: the epoch's summed loss and embedding std."""
+    elapsed = clock.seconds()
+    return {
+        "epoch": step // steps_per_epoch,
+        "loss": round(sums[0] / steps_per_epoch, 5),
+        "embedding_std": round(sums[1] / steps_per_epoch, 5),
+        "learning_rate": scheduler.get_last_lr()[0],
+        "elapsed_seconds": round(elapsed, 2),
+        "images_per_second": round(2 * step * settings["batch_size"] / elapsed, 1),
+    }
+
+
+def warn_if_collapsed(record: dict, objective_name: str, embedding_dim: int) -> None:
+    if is_collapsed(record["embedding_std"], embedding_dim):
+        log.warning("COLLAPSE: %s maps every image to nearly the same point (embedding std %.5f at epoch %d, "
+                    "below %.5f); its features are useless for downstream tasks", objective_name,
+                    record["embedding_std"], record["epoch"], COLLAPSE_FACTOR / embedding_dim ** 0.5)
 
 
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
@@ -51,8 +72,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     images = distributed.shard(load_array(train_images_path, "cpu"), ranks).to(device)  # uint8 (N/W, C, H, W)
     normalize = Normalizer.load(normalization_path, device)
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
-    objective = build_objective(settings["objective"], encoder.feature_dim,
-                                settings[settings["objective"]]).to(device)
+    objective_name = settings["objective"]
+    objective = build_objective(objective_name, encoder, settings[objective_name]).to(device)
     optimizer = adamw(list(encoder.parameters()) + list(objective.parameters()), settings)
     generator = device_generator(device, settings["seed"] + ranks.rank)  # own order and augmentations
     # Per rank; the loss sees all ranks' images.
@@ -75,20 +96,22 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
         epoch, within = divmod(step - 1, steps_per_epoch)
         return f"epoch {epoch + 1}, step {within + 1} of {steps_per_epoch}"
 
-    done, curve, epoch_loss = 0, [], torch.zeros((), device=device)  # loss summed on the device: no sync
+    # The epoch's loss and embedding spread, summed on the device: reading them every step would sync.
+    done, curve, epoch_sums = 0, [], torch.zeros(2, device=device)
     saved = resume_file.load()
     if saved is not None:
         done, curve, own = restore_training(saved, ranks.rank, modules, optimizer, scheduler, generator, order)
-        epoch_loss = own["epoch_loss"].to(device)
+        epoch_sums = own["epoch_sums"].to(device)
         log.info("resuming from %s after %s", resume_file.path, describe(done))
 
     def snapshot():
         return (shared_state(modules, optimizer, scheduler, curve=curve, elapsed_seconds=clock.seconds()),
-                own_state(generator, order, epoch_loss=epoch_loss.cpu()))
+                own_state(generator, order, epoch_sums=epoch_sums.cpu()))
 
-    checkpointer = Checkpointer("pretrain", resume_file, resume, ranks, device, describe, steps_per_epoch)
+    checkpointer = Checkpointer(f"pretrain {objective_name}", resume_file, resume, ranks, device, describe,
+                                steps_per_epoch)
     log.info("pretraining %s on %d images, %d epochs of %d steps, in %d data-parallel process(es)",
-             settings["objective"], len(images) * ranks.world_size, settings["epochs"], steps_per_epoch,
+             objective_name, len(images) * ranks.world_size, settings["epochs"], steps_per_epoch,
              ranks.world_size)
 
     # ---- training loop ----------------------------------------------------------------------------
@@ -96,21 +119,17 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     encoder.train()
     objective.train()
     for step in range(done + 1, total_steps + 1):
-        loss = contrastive_loss(parallel_encoder, parallel_objective, normalize, images[order.next_batch()],
-                                settings["augment"], generator, runtime)
+        loss, embeddings = contrastive_loss(parallel_encoder, parallel_objective, normalize,
+                                          images[order.next_batch()], settings["augment"], generator, runtime)
         optimisation_step(loss, optimizer, scheduler)
-        epoch_loss += loss.detach()
+        objective.after_step(encoder, step, total_steps)  # momentum targets follow the online network
+        epoch_sums += torch.stack([loss.detach().float(), embedding_std(embeddings)])
         if step % steps_per_epoch == 0:
-            epoch, elapsed = step // steps_per_epoch, clock.seconds()
-            curve.append({
-                "epoch": epoch,
-                "loss": round(epoch_loss.item() / steps_per_epoch, 5),
-                "learning_rate": scheduler.get_last_lr()[0],
-                "elapsed_seconds": round(elapsed, 2),
-                "images_per_second": round(2 * step * settings["batch_size"] / elapsed, 1),
-            })
-            epoch_loss.zero_()
-            log.info("epoch %(epoch)d loss %(loss).4f  %(images_per_second).0f views/s", curve[-1])
+            curve.append(epoch_record(step, epoch_sums.tolist(), steps_per_epoch, scheduler, clock, settings))
+            epoch_sums.zero_()
+            log.info("epoch %(epoch)d loss %(loss).4f  embedding std %(embedding_std).4f  "
+                     "%(images_per_second).0f views/s", curve[-1])
+            warn_if_collapsed(curve[-1], objective_name, embeddings.shape[1])
         checkpointer.after_step(step, loss, snapshot)
 
     # ---- outputs ----------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def contrastive_loss(encoder, objective, views, runtime):
     inputs = to_device(torch.cat(views), runtime.device)  # (2B, C, H, W)
     with runtime.autocast():
         features = encoder(inputs)  # (2B, F)
-        return objective(*features.chunk(2))
+        return objective(features, inputs)[0]
 
 
 def supervised_loss(model, images, labels, label_smoothing: float, runtime):

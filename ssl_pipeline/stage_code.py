@@ -22,8 +22,9 @@ def stage_of_command(shell_command: str) -> str:
 
 
 def module_path(module: str) -> Path:
-    relative = module.split(".")[1:] or ["__init__"]
-    return PACKAGE.joinpath(*relative).with_suffix(".py")
+    """'ssl_pipeline.pretrain' -> pretrain.py; a subpackage ('ssl_pipeline.objectives') -> its __init__.py."""
+    path = PACKAGE.joinpath(*module.split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def imports_in(tree: ast.AST) -> set:
@@ -65,6 +66,8 @@ def walk_stage(stage: str):
             continue
         package_modules.add(name)
         pending |= imports_in(ast.parse(module_path(name).read_text()))
+        # Importing a.b.c runs the __init__ of a.b first.
+        pending.add(name.rpartition(".")[0] or name)
     return package_modules, third_party
 
 

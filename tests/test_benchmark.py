@@ -171,8 +171,8 @@ def test_reference_and_ours_train_the_same_model_with_the_same_loss_and_batch(st
     generator = torch.Generator().manual_seed(0)
     if stage == "pretrain":
         encoder, objective = ours.modules
-        our_loss = contrastive_loss(encoder, objective, normalize, images, config[stage]["augment"], generator,
-                                    runtime)
+        our_loss, _ = contrastive_loss(encoder, objective, normalize, images, config[stage]["augment"], generator,
+                                       runtime)
         their_loss = reference.contrastive_loss(*theirs.modules, inputs, runtime)
     else:
         our_loss = supervised_loss(ours.modules[0], normalize, images, labels, config[stage], generator,

@@ -62,6 +62,7 @@ def test_nt_xent_is_lower_when_views_agree():
 
 
 def test_simclr_head_turns_features_into_a_scalar_loss():
-    objective = SimCLR(feature_dim=12, settings=SIMCLR)
-    loss = objective(torch.randn(10, 12), torch.randn(10, 12))
+    objective = SimCLR(Encoder(1, (4, 12)), settings=SIMCLR)
+    loss, embeddings = objective(torch.randn(20, 12))
+    assert embeddings.shape == (20, SIMCLR["projection_dim"])
     assert loss.shape == () and loss.requires_grad

@@ -123,7 +123,7 @@ def stopped_pretraining(data_dir, out, settings=LONG_PRETRAIN, every=60.0):  # n
     """Pretraining stopped by SIGTERM somewhere in its first second: -> its resume file."""
     run = (data_dir / "train_images.npy", data_dir / "normalization.json", out / "encoder.pt", out / "curve.csv")
     sender = sigterm_after(random.uniform(0.0, 0.5))
-    with pytest.raises(TrainingStopped, match=r"pretrain stopped by SIGTERM at epoch \d+, step \d of 2"):
+    with pytest.raises(TrainingStopped, match=r"pretrain simclr stopped by SIGTERM at epoch \d+, step \d of 2"):
         pretrain(*run, settings, MODEL, CPU, resume_at(out / "resume.pt", every))
     sender.join()
     assert not (out / "encoder.pt").exists() and (out / "resume.pt").exists()
@@ -219,7 +219,7 @@ def test_any_settings_continues_a_run_with_a_lower_learning_rate(data_dir, tmp_p
 def test_a_job_past_its_slurm_deadline_writes_its_state_and_stops(data_dir, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 60))  # 60 s left, a margin of 120 s
-    with pytest.raises(TrainingStopped, match=r"pretrain stopped at epoch 1, step 1 of 2, 120 s before its "
+    with pytest.raises(TrainingStopped, match=r"pretrain simclr stopped at epoch 1, step 1 of 2, 120 s before its "
                                               r"Slurm job's time limit"):
         pretrain(data_dir / "train_images.npy", data_dir / "normalization.json", tmp_path / "encoder.pt",
                  tmp_path / "curve.csv", LONG_PRETRAIN, MODEL, CPU, resume_at(tmp_path / "resume.pt", every=60))
@@ -236,7 +236,7 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_resume_file(unlabel
                             cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.endswith(f"pretrain: the loss became NaN or infinite at epoch 1, step 2 of 2; the last "
+    assert last_line.endswith(f"pretrain simclr: the loss became NaN or infinite at epoch 1, step 2 of 2; the last "
                               f"resume state ({tmp_path / 'resume.pt'}) is kept: lower the learning rate and "
                               "set config compute.resume: any_settings to continue from it"), result.stderr
     assert torch.load(tmp_path / "resume.pt", weights_only=True)["state"]["step"] == 1

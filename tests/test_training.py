@@ -1,5 +1,6 @@
 """Smoke training on a tiny synthetic dataset, on the CPU: the loops learn and respect their inputs."""
 import csv
+import logging
 import os
 import sys
 
@@ -9,6 +10,7 @@ import torch
 
 from ssl_pipeline.evaluate import classification_metrics, evaluate_classifier, evaluate_knn, knn_predict
 from ssl_pipeline.finetune import finetune
+from ssl_pipeline.objectives import is_collapsed
 from ssl_pipeline.preprocess import preprocess, write_label_subset
 from ssl_pipeline.pretrain import pretrain
 from ssl_pipeline.runtime import GpuUnavailable, select_device, select_precision
@@ -59,6 +61,23 @@ def test_pretraining_reduces_the_contrastive_loss(encoder_path):
     curve = read_curve(encoder_path.parent / "pretrain_curve.csv")
     assert len(curve) == PRETRAIN["epochs"]
     assert float(curve[-1]["loss"]) < float(curve[0]["loss"]) - 0.2
+
+
+def test_a_collapsing_objective_is_flagged_and_a_healthy_one_is_not(data_dir, tmp_path, encoder_path, caplog):
+    """BYOL without its predictor, with a target equal to the online network (momentum 0), collapses
+    (Grill et al. 2020, Table 5a); at a high learning rate it does within a few epochs."""
+    healthy = read_curve(encoder_path.parent / "pretrain_curve.csv")
+    assert not is_collapsed(float(healthy[-1]["embedding_std"]), PRETRAIN["simclr"]["projection_dim"])
+    byol = {"projection_hidden_dim": 32, "projection_dim": 16, "prediction_hidden_dim": 32, "predictor": False,
+            "base_momentum": 0.0}
+    settings = {**PRETRAIN, "objective": "byol", "byol": byol, "epochs": 4, "learning_rate": 0.2}
+    with caplog.at_level(logging.WARNING, logger="ssl_pipeline"):
+        pretrain(data_dir / "train_images.npy", data_dir / "normalization.json", tmp_path / "byol.pt",
+                 tmp_path / "curve.csv", settings, MODEL, CPU)
+    curve = read_curve(tmp_path / "curve.csv")
+    assert is_collapsed(float(curve[-1]["embedding_std"]), byol["projection_dim"])
+    assert float(curve[-1]["embedding_std"]) < 0.5 * float(curve[0]["embedding_std"])
+    assert "COLLAPSE: byol maps every image to nearly the same point" in caplog.text
 
 
 def test_encoder_checkpoint_holds_weights_and_the_config_that_made_them(encoder_path):
