@@ -105,8 +105,12 @@ def run_report(args):
     if len(args.finetune_curves) != len(run_metrics):
         raise ValueError("--finetune-curves must list one curve per --run-metrics file, in the same order")
     curves = [(metrics, read_csv(path)) for metrics, path in zip(run_metrics, args.finetune_curves)]
-    build_report(run_metrics, curves, read_csv(args.pretrain_curve), read_json(args.knn),
-                 read_json(args.card), args.settings["report"], args.out_dir)
+    if len(args.pretrain_curves) != len(args.knn):
+        raise ValueError("--pretrain-curves must list one curve per --knn file, in the same order")
+    probes = [read_json(path) for path in args.knn]
+    pretraining = {probe["objective"]: {"knn": probe, "curve": read_csv(path)}
+                   for probe, path in zip(probes, args.pretrain_curves)}
+    build_report(run_metrics, curves, pretraining, read_json(args.card), args.settings["report"], args.out_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage = stages.add_parser("report", help="summary.csv, report.md and plots")
     stage.add_argument("--run-metrics", nargs="+", required=True)
     stage.add_argument("--finetune-curves", nargs="+", required=True)
-    stage.add_argument("--pretrain-curve", required=True)
-    stage.add_argument("--knn", required=True)
+    stage.add_argument("--pretrain-curves", nargs="+", required=True, help="one per objective")
+    stage.add_argument("--knn", nargs="+", required=True, help="the kNN probes, one per objective, in the same order")
     stage.add_argument("--card", required=True)
     add_settings(stage, "report")
     stage.add_argument("--out-dir", required=True)

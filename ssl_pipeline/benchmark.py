@@ -152,8 +152,10 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
     in_channels, image_shape = train.images.shape[1], train.images.shape[1:]
     if stage == "pretrain":
         encoder = prepare(build_encoder(config["model"], in_channels), device)
-        objective = build_objective(settings["objective"], encoder, settings[settings["objective"]]).to(device)
-        modules, loss_name = (encoder, objective), f"{settings['objective']} on two views"
+        # The first objective of config pretrain.objectives (one of them, named, when set by `objective`).
+        name = settings.get("objective", settings["objectives"][0])
+        objective = build_objective(name, encoder, settings[name]).to(device)
+        modules, loss_name = (encoder, objective), f"{name} on two views"
     else:
         num_classes = int(train.labels.max()) + 1
         model = prepare(Classifier(build_encoder(config["model"], in_channels), num_classes,
@@ -282,8 +284,10 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         synchronize(device)
         rates.append(steps * trainer.images_per_step / (time.perf_counter() - start))
 
+    pretraining = config["pretrain"]
     return {
         "stage": stage,
+        "objective": pretraining.get("objective", pretraining["objectives"][0]) if stage == "pretrain" else None,
         "implementation": implementation,
         "workers": trainer.workers,
         "batch_size": trainer.batch_size,
@@ -379,20 +383,34 @@ def default_worker_counts() -> list:
     return sorted({0, 1, max(1, cpus // 2), cpus})
 
 
+def measured_steps(config: dict, stages) -> list:
+    """(name, stage, config) per measured step: pretraining once per objective of config
+    pretrain.objectives (both implementations with the same objective), fine-tuning once."""
+    steps = []
+    for stage in stages:
+        if stage != "pretrain":
+            steps.append((stage, stage, config))
+            continue
+        for objective in config["pretrain"]["objectives"]:
+            steps.append((f"pretrain {objective}", stage,
+                          {**config, "pretrain": {**config["pretrain"], "objective": objective}}))
+    return steps
+
+
 def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stages=STAGES, log=print) -> dict:
     load = MachineLoad()
     results = {}
-    for stage in stages:
-        log(f"{stage}: ours")
-        ours = measure_in_child(stage, "ours", 0, config, raw_dir, compute, plan)
+    for name, stage, step_config in measured_steps(config, stages):
+        log(f"{name}: ours")
+        ours = measure_in_child(stage, "ours", 0, step_config, raw_dir, compute, plan)
         candidates = []
         for workers in worker_counts:
-            log(f"{stage}: reference, {workers} DataLoader workers")
-            candidates.append(measure_in_child(stage, "reference", workers, config, raw_dir, compute, plan))
+            log(f"{name}: reference, {workers} DataLoader workers")
+            candidates.append(measure_in_child(stage, "reference", workers, step_config, raw_dir, compute, plan))
         best = max(candidates, key=lambda candidate: candidate["images_per_second"])
-        results[stage] = {"ours": ours, "reference": best, "reference_candidates": candidates,
-                          "speedup": ours["images_per_second"] / best["images_per_second"]}
-    first = results[stages[0]]["ours"]
+        results[name] = {"ours": ours, "reference": best, "reference_candidates": candidates,
+                         "speedup": ours["images_per_second"] / best["images_per_second"]}
+    first = next(iter(results.values()))["ours"]
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": first["device"],
@@ -424,7 +442,7 @@ def speed_table(results: dict) -> str:
     rows = ["| step | implementation | images/s (mean ± sd) | peak RSS MiB | PSS MiB | CUDA peak MiB "
             "| speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
     for stage, entry in results["stages"].items():
-        label = {"pretrain": "pretraining (2 views/image)", "finetune": "fine-tuning"}[stage]
+        label = "fine-tuning" if stage == "finetune" else f"pretraining {stage.split()[1]} (2 views/image)"
         best = entry["reference"]
         for run in [entry["ours"]] + entry["reference_candidates"]:
             if run["implementation"] == "ours":

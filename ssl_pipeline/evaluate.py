@@ -63,7 +63,8 @@ def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict) -> di
     predictions = predict(model, images, Normalizer.load(f"{data_dir}/normalization.json", runtime.device), runtime)
     run = checkpoint["config"]
     metrics = {
-        "init": run["init"], "label_fraction": run["label_fraction"], "seed": run["seed"],
+        "init": run["init"], "objective": run["objective"], "label_fraction": run["label_fraction"],
+        "seed": run["seed"],
         "mode": run["finetune"]["mode"], "labeled_images": checkpoint["labeled_images"],
         "best_step": checkpoint["best_step"], "best_val_accuracy": round(checkpoint["best_val_accuracy"], 5),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
@@ -96,6 +97,7 @@ def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: 
         return round((predictions == test_labels).float().mean().item(), 5)
 
     metrics = {
+        "objective": checkpoint["config"]["pretrain"]["objective"],
         "k": k, "temperature": temperature, "memory_bank_size": len(train_images),
         "encoder_accuracy": knn_accuracy(embed(encoder, train_images, normalize, runtime),
                                          embed(encoder, test_images, normalize, runtime)),

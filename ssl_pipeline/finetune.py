@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 INITS = ("pretrained", "scratch")
 
 
-def load_pretrained_encoder(encoder, checkpoint_path, model_settings):
+def load_pretrained_encoder(encoder, checkpoint_path, model_settings) -> str:
+    """Load the online encoder of a pretraining checkpoint into `encoder`; -> the objective it was
+    pretrained with. BYOL's and MoCo's momentum targets stay in the checkpoint: fine-tuning starts
+    from the online encoder, as both papers evaluate it."""
     checkpoint = load_checkpoint(checkpoint_path)
     if checkpoint["config"]["model"] != model_settings:
         raise ValueError(f"{checkpoint_path} was pretrained with model settings "
                          f"{checkpoint['config']['model']}, but config key `model` is {model_settings}")
     encoder.load_state_dict(checkpoint["encoder"])
+    return checkpoint["config"]["pretrain"]["objective"]
 
 
 def step_budget(num_labeled: int, settings: dict) -> int:
@@ -68,8 +72,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     normalize = Normalizer.load(data_files["normalization"], device)
 
     encoder = build_encoder(model_settings, images.shape[1])
-    if init == "pretrained":
-        load_pretrained_encoder(encoder, encoder_path, model_settings)
+    objective = load_pretrained_encoder(encoder, encoder_path, model_settings) if init == "pretrained" else None
     linear_probe = settings["mode"] == "linear_probe"
     model = prepare(Classifier(encoder, card["num_classes"], freeze_encoder=linear_probe), device)
     optimizer = adamw(model.parameters(), settings)
@@ -135,7 +138,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
         "best_step": best["step"],
         "best_val_accuracy": best["val_accuracy"],
         "labeled_images": len(images),
-        "config": {"finetune": settings, "model": model_settings, "init": init,
+        "config": {"finetune": settings, "model": model_settings, "init": init, "objective": objective,
                    "label_fraction": label_fraction, "seed": seed},
     })
     write_curve(curve_path, curve)

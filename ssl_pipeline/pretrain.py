@@ -46,8 +46,10 @@ def epoch_record(step: int, sums: list, steps_per_epoch: int, scheduler, clock, 
     }
 
 
-def warn_if_collapsed(record: dict, objective_name: str, embedding_dim: int) -> None:
-    if is_collapsed(record["embedding_std"], embedding_dim):
+def mark_collapse(record: dict, objective_name: str, embedding_dim: int) -> None:
+    """Flag the epoch's curve row, and warn, if the embeddings collapsed (the report shows the flag)."""
+    record["collapsed"] = is_collapsed(record["embedding_std"], embedding_dim)
+    if record["collapsed"]:
         log.warning("COLLAPSE: %s maps every image to nearly the same point (embedding std %.5f at epoch %d, "
                     "below %.5f); its features are useless for downstream tasks", objective_name,
                     record["embedding_std"], record["epoch"], COLLAPSE_FACTOR / embedding_dim ** 0.5)
@@ -129,7 +131,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
             epoch_sums.zero_()
             log.info("epoch %(epoch)d loss %(loss).4f  embedding std %(embedding_std).4f  "
                      "%(images_per_second).0f views/s", curve[-1])
-            warn_if_collapsed(curve[-1], objective_name, embeddings.shape[1])
+            mark_collapse(curve[-1], objective_name, embeddings.shape[1])
         checkpointer.after_step(step, loss, snapshot)
 
     # ---- outputs ----------------------------------------------------------------------------------

@@ -13,10 +13,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ssl_pipeline.artifacts import atomic_path, write_json, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
-SUMMARY_COLUMNS = ["init", "label_fraction", "seed", "mode", "labeled_images", "test_accuracy",
+SUMMARY_COLUMNS = ["init", "objective", "label_fraction", "seed", "mode", "labeled_images", "test_accuracy",
                    "best_val_accuracy", "best_step", "parameters"]
-INIT_STYLE = {"pretrained": {"color": "tab:blue", "linestyle": "-"},
-              "scratch": {"color": "tab:orange", "linestyle": "--"}}
+SCRATCH = "scratch"
+SCRATCH_STYLE = {"color": "tab:gray", "linestyle": "--"}
+
+
+def method_of(row) -> str:
+    """A run's method: the objective its encoder was pretrained with, or 'scratch'."""
+    return row["objective"] if row["init"] == "pretrained" else SCRATCH
+
+
+def method_style(method: str, methods: list) -> dict:
+    """Scratch dashed grey; each objective a colour of its own, by its place in `methods`."""
+    if method == SCRATCH:
+        return SCRATCH_STYLE
+    return {"color": plt.colormaps["tab10"](methods.index(method) % 10), "linestyle": "-"}
 
 
 def read_csv(path) -> list:
@@ -26,8 +38,9 @@ def read_csv(path) -> list:
 
 def summary_rows(run_metrics: list) -> list:
     rows = [{**{key: metrics[key] for key in SUMMARY_COLUMNS if key in metrics},
-             "test_accuracy": metrics["accuracy"]} for metrics in run_metrics]
-    return sorted(rows, key=lambda row: (row["init"], row["label_fraction"], row["seed"]))
+             "objective": metrics.get("objective") or "none", "test_accuracy": metrics["accuracy"]}
+            for metrics in run_metrics]
+    return sorted(rows, key=lambda row: (row["init"], row["objective"], row["label_fraction"], row["seed"]))
 
 
 def write_summary(path, rows) -> None:
@@ -38,10 +51,10 @@ def write_summary(path, rows) -> None:
 
 
 def aggregate(rows) -> dict:
-    """(init, label_fraction) -> {mean, std, n, labeled_images}; std is the sample std over seeds."""
+    """(method, label_fraction) -> {mean, std, n, labeled_images}; std is the sample std over seeds."""
     groups = defaultdict(list)
     for row in rows:
-        groups[(row["init"], row["label_fraction"])].append(row)
+        groups[(method_of(row), row["label_fraction"])].append(row)
     result = {}
     for key, members in groups.items():
         accuracies = [m["test_accuracy"] for m in members]
@@ -52,10 +65,10 @@ def aggregate(rows) -> dict:
 
 
 def headline_metrics(stats) -> dict:
-    """{"test_accuracy": {init: {"10%": {"mean", "std", "seeds"}}}}; std is null for a single seed."""
+    """{"test_accuracy": {method: {"10%": {"mean", "std", "seeds"}}}}; std is null for a single seed."""
     metrics = defaultdict(dict)
-    for (init, fraction), cell in sorted(stats.items()):
-        metrics[init][f"{100 * fraction:g}%"] = {
+    for (method, fraction), cell in sorted(stats.items()):
+        metrics[method][f"{100 * fraction:g}%"] = {
             "mean": round(cell["mean"], 5), "std": None if cell["n"] < 2 else round(cell["std"], 5),
             "seeds": cell["n"]}
     return {"test_accuracy": dict(metrics)}
@@ -73,13 +86,13 @@ def mean_std(cell) -> str:
 # Plots
 # ---------------------------------------------------------------------------------------------------
 
-def plot_label_efficiency(path, stats, fractions, inits) -> None:
+def plot_label_efficiency(path, stats, fractions, methods) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
-    for init in inits:
-        points = [(f, stats[(init, f)]) for f in fractions if (init, f) in stats]
+    for method in methods:
+        points = [(f, stats[(method, f)]) for f in fractions if (method, f) in stats]
         axis.errorbar([100 * f for f, _ in points], [c["mean"] for _, c in points],
                       yerr=[0 if c["n"] < 2 else c["std"] for _, c in points], marker="o", capsize=3,
-                      label=init, **INIT_STYLE.get(init, {}))
+                      label=method, **method_style(method, methods))
     axis.set_xscale("log")
     axis.set_xlabel("labels used (% of the training split)")
     axis.set_ylabel("test accuracy (mean ± std over seeds)")
@@ -88,22 +101,27 @@ def plot_label_efficiency(path, stats, fractions, inits) -> None:
     save_figure(figure, path)
 
 
-def plot_training_curves(path, pretrain_curve, finetune_curves) -> None:
+def plot_training_curves(path, pretraining, finetune_curves, methods) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([int(r["epoch"]) for r in pretrain_curve], [float(r["loss"]) for r in pretrain_curve],
-              marker="o")
+    for objective, run in pretraining.items():
+        # The objectives' losses have different scales: each relative to its first epoch.
+        losses = [float(r["loss"]) for r in run["curve"]]
+        left.plot([int(r["epoch"]) for r in run["curve"]], [loss / losses[0] for loss in losses], marker="o",
+                  label=objective, **method_style(objective, methods))
     left.set_xlabel("pretraining epoch")
-    left.set_ylabel("contrastive loss")
+    left.set_ylabel("loss relative to epoch 1")
     left.set_title("pretraining")
+    left.legend(fontsize=7)
     fractions = sorted({run["label_fraction"] for run, _ in finetune_curves})
     colours = plt.colormaps["viridis"].resampled(max(2, len(fractions)))
     labelled = set()
     for run, curve in finetune_curves:
-        key = (run["init"], run["label_fraction"])
+        method = method_of({**run, "objective": run.get("objective")})
+        key = (method, run["label_fraction"])
         right.plot([int(r["step"]) for r in curve], [float(r["val_accuracy"]) for r in curve],
                    color=colours(fractions.index(run["label_fraction"])),
-                   linestyle=INIT_STYLE.get(run["init"], {}).get("linestyle", "-"), alpha=0.8,
-                   label=None if key in labelled else f"{run['init']}, {100 * run['label_fraction']:g}% labels")
+                   linestyle=method_style(method, methods)["linestyle"], alpha=0.8,
+                   label=None if key in labelled else f"{method}, {100 * run['label_fraction']:g}% labels")
         labelled.add(key)
     right.set_xlabel("fine-tuning step")
     right.set_ylabel("validation accuracy")
@@ -141,25 +159,58 @@ def save_figure(figure, path) -> None:
 # Markdown
 # ---------------------------------------------------------------------------------------------------
 
-def label_efficiency_table(stats, fractions, inits) -> list:
-    lines = ["| labels | labeled images | " + " | ".join(inits) + " | pretrained − scratch |",
-             "|---:|---:|" + "---:|" * len(inits) + "---:|"]
+def label_efficiency_table(stats, fractions, methods) -> list:
+    objectives = [method for method in methods if method != SCRATCH]
+    gain = [f"best pretrained − {SCRATCH}"] if objectives and SCRATCH in methods else []
+    lines = ["| labels | labeled images | " + " | ".join(methods + gain) + " |",
+             "|---:|---:|" + "---:|" * len(methods + gain)]
     for fraction in fractions:
-        cells = [stats.get((init, fraction)) for init in inits]
+        cells = [stats.get((method, fraction)) for method in methods]
         images = next(c["labeled_images"] for c in cells if c)
-        pre, scratch = stats.get(("pretrained", fraction)), stats.get(("scratch", fraction))
-        gain = f"{pre['mean'] - scratch['mean']:+.4f}" if pre and scratch else "—"
-        lines.append(f"| {100 * fraction:g}% | {images} | " + " | ".join(mean_std(c) for c in cells)
-                     + f" | {gain} |")
+        row = [mean_std(c) for c in cells]
+        if gain:
+            scratch = stats.get((SCRATCH, fraction))
+            pretrained = [(stats[(o, fraction)]["mean"], o) for o in objectives if (o, fraction) in stats]
+            best = max(pretrained) if pretrained else None
+            row.append(f"{best[0] - scratch['mean']:+.4f} ({best[1]})" if best and scratch else "—")
+        lines.append(f"| {100 * fraction:g}% | {images} | " + " | ".join(row) + " |")
     return lines
 
 
-def reference_table(references, stats, largest_fraction, parameters) -> list:
+def pretraining_table(pretraining: dict) -> list:
+    """Per objective: the encoder's kNN accuracy, its final loss and embedding spread, whether it
+    collapsed, and what pretraining cost; raw pixels as the floor."""
+    lines = ["| features | epochs | final loss | embedding std | kNN test accuracy | pretraining time | views/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for objective, run in pretraining.items():
+        last = run["curve"][-1]
+        collapsed = str(last.get("collapsed")) == "True"
+        name = f"**{objective}: COLLAPSED**" if collapsed else objective
+        lines.append(f"| {name} | {last['epoch']} | {float(last['loss']):.4f} | {float(last['embedding_std']):.4f} | "
+                     f"{run['knn']['encoder_accuracy']:.4f} | {float(last['elapsed_seconds']):.0f} s | "
+                     f"{float(last['images_per_second']):.0f} |")
+    first = next(iter(pretraining.values()))["knn"]
+    lines.append(f"| raw pixels | — | — | — | {first['raw_pixel_accuracy']:.4f} | — | — |")
+    return lines
+
+
+def collapse_notes(pretraining: dict) -> list:
+    collapsed = [objective for objective, run in pretraining.items()
+                 if str(run["curve"][-1].get("collapsed")) == "True"]
+    if not collapsed:
+        return []
+    return ["", f"**Collapse:** {', '.join(collapsed)} mapped every image to nearly the same embedding by the "
+            "last epoch (the standard deviation of its L2-normalised embeddings fell below a tenth of the "
+            "1/sqrt(D) of embeddings spread over the sphere). Its accuracies above measure a broken encoder; "
+            "the pretraining log says when it happened."]
+
+
+def reference_table(references, stats, largest_fraction, methods, parameters) -> list:
     lines = ["| model | parameters | test accuracy | source |", "|---|---:|---:|---|"]
-    for init in ("pretrained", "scratch"):
-        cell = stats.get((init, largest_fraction))
+    for method in methods:
+        cell = stats.get((method, largest_fraction))
         if cell:
-            lines.append(f"| **ours**, {init}, {100 * largest_fraction:g}% labels | {parameters:,} | "
+            lines.append(f"| **ours**, {method}, {100 * largest_fraction:g}% labels | {parameters:,} | "
                          f"**{mean_std(cell)}** | this run |")
     for ref in references:
         lines.append(f"| {ref['model']} | {ref.get('parameters', '—')} | {ref['test_accuracy']:.3f} | "
@@ -167,29 +218,32 @@ def reference_table(references, stats, largest_fraction, parameters) -> list:
     return lines
 
 
-def build_report(run_metrics, finetune_curves, pretrain_curve, knn, card, settings, out_dir) -> dict:
-    """Write summary.csv, metrics.json, report.md and plots/*.png under `out_dir`. settings: config `report`."""
+def build_report(run_metrics, finetune_curves, pretraining, card, settings, out_dir) -> dict:
+    """Write summary.csv, metrics.json, report.md and plots/*.png under `out_dir`. pretraining:
+    objective -> {"curve": its pretraining curve rows, "knn": its kNN probe}; settings: config `report`."""
     out_dir = Path(out_dir)
     rows = summary_rows(run_metrics)
     write_summary(out_dir / "summary.csv", rows)
     stats = aggregate(rows)
     fractions = sorted({row["label_fraction"] for row in rows})
-    inits = [init for init in ("pretrained", "scratch") if any(row["init"] == init for row in rows)]
+    present = {method_of(row) for row in rows}
+    methods = [objective for objective in pretraining if objective in present] + sorted(present - set(pretraining))
     largest = fractions[-1]
     seeds = sorted({row["seed"] for row in rows})
 
-    plot_label_efficiency(out_dir / "plots" / "label_efficiency.png", stats, fractions, inits)
-    plot_training_curves(out_dir / "plots" / "training_curves.png", pretrain_curve, finetune_curves)
+    plot_label_efficiency(out_dir / "plots" / "label_efficiency.png", stats, fractions, methods)
+    plot_training_curves(out_dir / "plots" / "training_curves.png", pretraining, finetune_curves,
+                         [*pretraining, SCRATCH])
     matrices = {}
-    for init in inits:
-        runs = [m for m in run_metrics if m["init"] == init and m["label_fraction"] == largest]
+    for method in methods:
+        runs = [m for m in run_metrics if method_of(m) == method and m["label_fraction"] == largest]
         summed = [[sum(m["confusion_matrix"][i][j] for m in runs) for j in range(card["num_classes"])]
                   for i in range(card["num_classes"])]
-        matrices[f"{init}, {100 * largest:g}% labels, {len(runs)} seeds summed"] = summed
+        matrices[f"{method}, {100 * largest:g}% labels, {len(runs)} seeds summed"] = summed
     plot_confusion_matrices(out_dir / "plots" / "confusion_matrix.png", matrices, card["class_names"])
 
     mode = run_metrics[0]["mode"]
-    last_epoch = pretrain_curve[-1]
+    knn = next(iter(pretraining.values()))["knn"]
     lines = [
         f"# {settings['title']}",
         "",
@@ -203,24 +257,23 @@ def build_report(run_metrics, finetune_curves, pretrain_curve, knn, card, settin
         "",
         f"Test accuracy, mean ± sample standard deviation over {len(seeds)} seeds.",
         "",
-        *label_efficiency_table(stats, fractions, inits),
+        *label_efficiency_table(stats, fractions, methods),
         "",
         "![label-efficiency curve](plots/label_efficiency.png)",
         "",
-        "## Self-supervised encoder: kNN probe",
+        "## Self-supervised encoders: kNN probe and cost",
         "",
         f"Weighted kNN (k={knn['k']}, cosine similarity, temperature {knn['temperature']}) on the test set, "
-        f"with the {knn['memory_bank_size']} labeled training images as memory bank.",
+        f"with the {knn['memory_bank_size']} labeled training images as memory bank. Embedding std: the "
+        "per-dimension standard deviation of the objective's L2-normalised embeddings, averaged, in the last "
+        "epoch (0 is collapse). Pretraining time is training only, without start-up.",
         "",
-        "| features | kNN test accuracy |",
-        "|---|---:|",
-        f"| pretrained encoder ({last_epoch['epoch']} epochs, final loss {float(last_epoch['loss']):.4f}) "
-        f"| {knn['encoder_accuracy']:.4f} |",
-        f"| raw pixels | {knn['raw_pixel_accuracy']:.4f} |",
+        *pretraining_table(pretraining),
+        *collapse_notes(pretraining),
         "",
         "## Beside published results",
         "",
-        *reference_table(settings["references"], stats, largest, run_metrics[0]["parameters"]),
+        *reference_table(settings["references"], stats, largest, methods, run_metrics[0]["parameters"]),
         "",
         "## Training curves",
         "",

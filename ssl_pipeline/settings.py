@@ -20,8 +20,11 @@ RULE_CONFIG_KEYS = {
 # threads come from the scheduler, and the resume keys decide how a job survives interruptions, not
 # what it computes (rules pass them as resources). Editing them must not rerun a job that exists.
 RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume"}
-NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "compute.threads",
-                    *RESUME_KEYS}
+NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "pretrain.objectives",
+                    "compute.threads", *RESUME_KEYS}
+# The objectives' config sections, pretrain.<name> (ssl_pipeline/objectives/). A pretraining job reads
+# the section of its own objective only, so that editing one objective's settings reruns its jobs alone.
+OBJECTIVE_SECTIONS = ("simclr", "byol", "vicreg", "barlow_twins", "moco_v2")
 
 
 def lookup(config: dict, key: str):
@@ -46,14 +49,24 @@ def leaf_keys(config: dict, prefix: str) -> list:
     return [leaf for key in value for leaf in leaf_keys(config, f"{prefix}.{key}")]
 
 
-def rule_leaf_keys(config: dict, rule: str) -> list:
-    return [leaf for prefix in RULE_CONFIG_KEYS[rule] for leaf in leaf_keys(config, prefix)]
+def other_objectives(key: str, objective) -> bool:
+    """Whether `key` lies in the section of an objective other than `objective`."""
+    parts = key.split(".")
+    return parts[0] == "pretrain" and len(parts) > 2 and parts[1] in OBJECTIVE_SECTIONS and parts[1] != objective
 
 
-def rule_settings(config: dict, rule: str) -> dict:
-    """The part of `config` that `rule` reads, nested as in the config: {"pretrain": {...}, ...}."""
-    settings = {}
-    for key in rule_leaf_keys(config, rule):
+def rule_leaf_keys(config: dict, rule: str, objective: str = None) -> list:
+    """The keys `rule` reads; for a job of one objective (wildcard `objective`) only that objective's
+    section of pretrain, for jobs of no objective none of them."""
+    return [leaf for prefix in RULE_CONFIG_KEYS[rule] for leaf in leaf_keys(config, prefix)
+            if not other_objectives(leaf, objective)]
+
+
+def rule_settings(config: dict, rule: str, objective: str = None) -> dict:
+    """The part of `config` that `rule` reads, nested as in the config: {"pretrain": {...}, ...}.
+    A job of one objective also gets its name as pretrain.objective."""
+    settings = {"pretrain": {"objective": objective}} if objective else {}
+    for key in rule_leaf_keys(config, rule, objective):
         *parents, name = key.split(".")
         node = settings
         for parent in parents:

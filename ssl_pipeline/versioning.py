@@ -13,7 +13,6 @@ than their inputs and would retrain everything. Once DVC confirms that the outpu
 commit's config and code, `snakemake --touch` marks them current, in DAG order.
 """
 import argparse
-import copy
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ssl_pipeline.settings import has_key, rule_leaf_keys
-from ssl_pipeline.stage_code import stage_files, stage_of_command
+from ssl_pipeline.stage_code import PACKAGE, stage_files, stage_of_command
 
 DVC_YAML = "dvc.yaml"
 DEFAULT_CONFIG = "config/config.yaml"
@@ -35,7 +34,9 @@ HEADER = """\
 # Each stage runs Snakemake for its job's outputs, so DVC and Snakemake share rules and envs.
 """
 # Outputs that are metrics, and rules whose `curve` output is a plot: (x column, y column, title).
-METRICS = ["results/metrics.json", "results/evaluate/knn.json"]
+METRICS = ["results/metrics.json"]
+# Rules whose every job's `metrics` output is a DVC metric too: the kNN probe, one per objective.
+METRIC_RULES = ["knn_probe"]
 CURVES = {"pretrain": ("epoch", "loss", "pretraining loss"),
           "finetune": ("step", "val_accuracy", "fine-tuning validation accuracy")}
 
@@ -137,14 +138,16 @@ def param_sources(keys: list, configfiles: list, workdir: Path) -> list:
     return [{name: sources[name]} for name in files if sources[name]]
 
 
-def stage_groups(rule_jobs: list) -> dict:
-    """Jobs of one rule grouped by identical dep/out templates. Wildcards alone tell most jobs apart;
-    an input function can add a dep to some (finetune's encoder, for init 'pretrained' only)."""
+def stage_groups(rule_jobs: list, config: dict) -> dict:
+    """Jobs of one rule grouped by identical dep/out templates and config keys. Wildcards alone tell
+    most jobs apart; an input function can add a dep to some (finetune's encoder, except from scratch),
+    and a pretraining job reads the config section of its own objective only."""
     groups = defaultdict(list)
     for job in rule_jobs:
         deps = tuple(as_template(path, job.input_patterns, job.wildcards) for path in job.inputs)
         outs = tuple(as_template(path, job.output_patterns, job.wildcards) for path in job.outputs.values())
-        groups[(deps, outs)].append(job)
+        keys = tuple(rule_leaf_keys(config, job.rule, job.wildcards.get("objective")))
+        groups[(deps, outs, keys)].append(job)
     return groups
 
 
@@ -182,7 +185,7 @@ def stage_definition(rule, deps, outs, jobs, configfiles, params) -> dict:
             template = template.replace("${item.%s}" % name, value)
         return template
 
-    code = [jobs[0].rule_file] + [str(path.relative_to(path.parents[1]))
+    code = [jobs[0].rule_file] + [str(path.relative_to(PACKAGE.parent))
                                   for path in stage_files(stage_of_command(jobs[0].command))]
     outs = [filled(out) for out in outs]
     definition = {
@@ -207,20 +210,21 @@ def build_dvc_yaml(workdir: Path, configfiles: list) -> str:
         by_rule[job.rule].append(job)
     stages, outputs = {}, set()
     for rule in topological_rules(jobs):
-        groups = stage_groups(by_rule[rule])
+        groups = stage_groups(by_rule[rule], config)
         names = group_names(rule, groups)
-        params = param_sources(rule_leaf_keys(config, rule), configfiles, workdir)
-        for (deps, outs), group in sorted(groups.items(), key=lambda item: names[item[0]]):
-            # A copy per stage: a shared list would be written as a YAML anchor and alias.
-            stage = stage_definition(rule, deps, outs, group, configfiles, copy.deepcopy(params))
-            stages[names[(deps, outs)]] = stage
+        for (deps, outs, keys), group in sorted(groups.items(), key=lambda item: names[item[0]]):
+            # A list per stage: a shared one would be written as a YAML anchor and alias.
+            params = param_sources(list(keys), configfiles, workdir)
+            stage = stage_definition(rule, deps, outs, group, configfiles, params)
+            stages[names[(deps, outs, keys)]] = stage
         outputs |= {path for job in by_rule[rule] for path in job.outputs.values()}
     missing = [path for path in METRICS if path not in outputs]
     if missing:
         raise VersioningError(f"metrics {missing} are not outputs of any rule; update METRICS in {__file__}")
     plots = [{title: {"x": x, "y": {job.outputs["curve"]: y for job in sorted(by_rule[rule], key=lambda job: job.outputs["curve"])}}}
              for rule, (x, y, title) in CURVES.items()]
-    document = {"vars": [{"configfiles": list(configfiles)}], "stages": stages, "metrics": METRICS,
+    metrics = METRICS + sorted(job.outputs["metrics"] for rule in METRIC_RULES for job in by_rule[rule])
+    document = {"vars": [{"configfiles": list(configfiles)}], "stages": stages, "metrics": metrics,
                 "plots": plots}
     return HEADER + yaml.safe_dump(document, sort_keys=False, width=1000)
 
@@ -344,8 +348,10 @@ def pull(workdir: Path, remote=None) -> None:
 
 def mark_current_in_snakemake(workdir: Path) -> None:
     """DVC does not keep timestamps, so outputs it writes look stale to Snakemake. `snakemake --touch`
-    touches them in DAG order and records the current params and code as their provenance."""
-    touch = run_tool(["snakemake", "--touch", "--cores", "1", *snakemake_config_args(workdir)], workdir,
+    touches them in DAG order and records the current params and code as their provenance; with
+    --forceall for every job, also those whose outputs DVC happened to write in an order that already
+    looked current (without their provenance, a later change of their params would go unnoticed)."""
+    touch = run_tool(["snakemake", "--touch", "--forceall", "--cores", "1", *snakemake_config_args(workdir)], workdir,
                      "Snakemake could not mark the outputs as up to date.")
     said = touch.stdout + touch.stderr
     if "not touched because they don't exist" in said:  # --touch only warns about these

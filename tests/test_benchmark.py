@@ -59,7 +59,7 @@ def numbers(tree, path="") -> list:
 # Figures that are legitimately zero: ours has no loader workers, and a quiet machine has no other load.
 MAY_BE_ZERO = ("workers", "images_per_second_std", "load_average", "other_processes_cpu_seconds",
                "steal_cpu_seconds")
-MEASUREMENT_FIELDS = {"stage", "implementation", "workers", "batch_size", "images_per_step", "parameters",
+MEASUREMENT_FIELDS = {"stage", "objective", "implementation", "workers", "batch_size", "images_per_step", "parameters",
                       "loss", "steps_per_repetition", "images_per_second", "images_per_second_std",
                       "repetitions", "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib",
                       "cuda_peak_allocated_mib", "device", "device_name", "threads", "precision"}
@@ -75,12 +75,14 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
                           synthetic_override, "--out", out)
     results = json.loads(out.read_text())
 
-    assert set(results["stages"]) == {"pretrain", "finetune"}
-    for stage, entry in results["stages"].items():
+    assert set(results["stages"]) == {"pretrain simclr", "finetune"}  # pretraining per objective of the config
+    for name, entry in results["stages"].items():
+        stage = name.split()[0]
         runs = [entry["ours"], entry["reference"], *entry["reference_candidates"]]
         for run in runs:
             assert set(run) == MEASUREMENT_FIELDS
             assert run["stage"] == stage and run["device"] == "cpu"
+            assert run["objective"] == ("simclr" if stage == "pretrain" else None)
             assert run["cuda_peak_allocated_mib"] is None  # no device memory to report on the CPU
             assert len(run["repetitions"]) == 3
             assert run["images_per_step"] == run["batch_size"] * (2 if stage == "pretrain" else 1)
@@ -97,7 +99,7 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
     assert {"date", "command", "device", "device_name", "threads", "precision", "torch", "load_average_before",
             "other_processes_cpu_seconds", "seconds"} <= set(results["meta"])
     assert results["meta"]["command"].startswith("python -m ssl_pipeline.benchmark speed --tiny")
-    assert "| pretraining (2 views/image) | ours" in table
+    assert "| pretraining simclr (2 views/image) | ours" in table
     assert "reference: PIL + DataLoader, 1 worker |" in table
 
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from ssl_pipeline.config import ConfigError, merged, validate_config
-from ssl_pipeline.settings import RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
+from ssl_pipeline.objectives import OBJECTIVES
+from ssl_pipeline.settings import OBJECTIVE_SECTIONS, RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -100,10 +101,19 @@ def test_errors_name_the_key_and_what_was_expected(change, message):
 # ---- which rule reads which key (ssl_pipeline/settings.py) --------------------------------------------
 
 def test_every_config_key_is_read_by_some_rule_or_is_a_run_list():
-    read = {key for rule in RULE_CONFIG_KEYS for key in rule_leaf_keys(DEFAULT, rule)}
+    read = {key for rule in RULE_CONFIG_KEYS for objective in (None, *OBJECTIVE_SECTIONS)
+            for key in rule_leaf_keys(DEFAULT, rule, objective)}
     every_leaf = {key for section in DEFAULT for key in leaf_keys(DEFAULT, section)}
     assert every_leaf - read == set()
     assert read <= every_leaf
+
+
+def test_a_pretraining_job_reads_its_own_objectives_section_only():
+    settings = rule_settings(DEFAULT, "pretrain", "byol")["pretrain"]
+    assert settings["objective"] == "byol" and settings["byol"] == DEFAULT["pretrain"]["byol"]
+    assert not set(settings) & (set(OBJECTIVE_SECTIONS) - {"byol"})
+    assert "objectives" not in settings and settings["augment"] == DEFAULT["pretrain"]["augment"]
+    assert set(OBJECTIVE_SECTIONS) == set(OBJECTIVES)  # settings.py knows every objective's section
 
 
 def test_rule_settings_hold_the_keys_the_rule_reads_and_no_run_list():

@@ -18,11 +18,12 @@ def read_summary(workdir):
         return list(csv.DictReader(handle))
 
 
-def assert_complete_report(workdir, expected_runs, fractions):
+def assert_complete_report(workdir, expected_runs, fractions, objectives=("simclr",)):
     results = workdir / "results"
     rows = read_summary(workdir)
     assert len(rows) == expected_runs
     assert all(0.0 <= float(row["test_accuracy"]) <= 1.0 for row in rows)
+    assert {row["objective"] for row in rows if row["init"] == "pretrained"} == set(objectives)
     report = (results / "report.md").read_text()
     assert "## Label efficiency" in report
     for fraction in fractions:
@@ -30,8 +31,12 @@ def assert_complete_report(workdir, expected_runs, fractions):
     for plot in ("label_efficiency", "training_curves", "confusion_matrix"):
         assert f"plots/{plot}.png" in report
         assert (results / "plots" / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
-    knn = json.loads((results / "evaluate" / "knn.json").read_text())
-    assert f"| raw pixels | {knn['raw_pixel_accuracy']:.4f} |" in report
+    assert "| labels | labeled images | " + " | ".join([*objectives, "scratch"]) + " |" in report
+    for objective in objectives:
+        knn = json.loads((results / "evaluate" / "knn" / f"{objective}.json").read_text())
+        assert knn["objective"] == objective
+        assert f"{knn['encoder_accuracy']:.4f}" in report.split(f"| {objective} |")[-1].splitlines()[0]
+    assert f"| raw pixels | — | — | — | {knn['raw_pixel_accuracy']:.4f} |" in report
 
 
 def assert_up_to_date_and_reportable(workdir, *config_args):
@@ -57,8 +62,16 @@ def test_a_bad_config_is_reported_before_any_job_runs(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def planned_outputs(workdir, *args) -> list:
+    """The output files of every job a dry run of `snakemake args` would run."""
+    plan = snakemake(workdir, "-n", "--cores", "1", *args).stdout
+    return [path for line in plan.splitlines() if line.strip().startswith("output:")
+            for path in line.split(":", 1)[1].replace(",", " ").split()]
+
+
 def test_synthetic_idx_dataset_over_loopback_http(tmp_path, http_server):
-    """A new IDX dataset by config alone: 3 classes of 12x12 images, fetched from a real HTTP server."""
+    """A new IDX dataset by config alone: 3 classes of 12x12 images, fetched from a real HTTP server,
+    pretrained with two objectives side by side; adding a third reruns nothing that exists."""
     url, routes = http_server
     files = write_synthetic_idx(tmp_path / "served", num_classes=3, size=12, train_per_class=80)
     serve_directory(routes, tmp_path / "served", prefix="/synthetic")
@@ -67,21 +80,31 @@ def test_synthetic_idx_dataset_over_loopback_http(tmp_path, http_server):
         "dataset": {"name": "synthetic", "mirrors": [f"{url}/synthetic"], "files": files, "class_names": []},
         "finetune": {"label_fractions": [0.5, 1.0], "seeds": [0, 1], "min_steps": 10},
         "data": {"validation_fraction": 0.25},
+        "pretrain": {"objectives": ["simclr", "byol"]},
     }
     (workdir / "synthetic.yaml").write_text(yaml.safe_dump(override))
     config_args = ("--configfile", "config/experiments/smoke.yaml", "synthetic.yaml")
 
     plan = snakemake(workdir, "-n", "-p", "--cores", "2", *config_args).stdout
-    pretrain_job = plan[plan.index("rule pretrain:"):].split("\n\n")[0]
-    assert "train_images.npy" in pretrain_job and "labels" not in pretrain_job
+    pretrain_jobs = [job.split("\n\n")[0] for job in plan.split("rule pretrain:")[1:]]
+    assert len(pretrain_jobs) == 2
+    for job in pretrain_jobs:
+        assert "train_images.npy" in job and "labels" not in job
 
     snakemake(workdir, "--cores", "2", *config_args)
     card = json.loads((workdir / "results" / "data" / "card.json").read_text())
     assert card["image_shape"] == [1, 12, 12] and card["num_classes"] == 3
     assert card["splits"]["train"]["per_class"] == [60, 60, 60]
     assert routes.count(f"/synthetic/{files['train_images']['name']}.gz") == 1
-    assert_complete_report(workdir, expected_runs=8, fractions=[0.5, 1.0])
+    assert_complete_report(workdir, expected_runs=12, fractions=[0.5, 1.0], objectives=("simclr", "byol"))
     assert_up_to_date_and_reportable(workdir, *config_args)
+
+    # A third objective adds its own jobs and the report; nothing that exists runs again.
+    (workdir / "third.yaml").write_text(yaml.safe_dump({"pretrain": {"objectives": ["simclr", "byol", "vicreg"]}}))
+    outputs = planned_outputs(workdir, *config_args, "third.yaml")
+    assert "results/pretrain/vicreg/encoder.pt" in outputs and "results/report.md" in outputs
+    assert [path for path in outputs if "vicreg" not in path and "report" not in path
+            and not path.startswith(("results/summary.csv", "results/metrics.json", "results/plots/"))] == []
 
 
 def test_smoke_experiment_on_real_fashion_mnist(real_smoke_run):

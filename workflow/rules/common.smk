@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from ssl_pipeline.config import validate_config
-from ssl_pipeline.settings import rule_settings
+from ssl_pipeline.settings import OBJECTIVE_SECTIONS, rule_settings
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
@@ -33,20 +33,29 @@ def split_files(*splits):
     return [f"{DATA}/{split}_{kind}.npy" for split in splits for kind in ("images", "labels")]
 
 
-ENCODER = f"{RESULTS}/pretrain/encoder.pt"
+OBJECTIVES = config["pretrain"]["objectives"]
+# Per pretraining objective.
+ENCODER = f"{RESULTS}/pretrain/{{objective}}/encoder.pt"
+# A fine-tuning run: its init is the objective whose encoder it starts from, or scratch.
 RUN = "{init}/fraction{fraction}/seed{seed}"
 
 
 wildcard_constraints:
-    init="pretrained|scratch",
+    objective="|".join(OBJECTIVE_SECTIONS),
+    init="|".join(["scratch", *OBJECTIVE_SECTIONS]),
     fraction=r"[0-9.e-]+",
     seed=r"\d+",
 
 
 def settings_of(rule_name):
     """JSON of the config keys `rule_name` reads (ssl_pipeline/settings.py): a param, so changing one
-    of them reruns the rule's jobs, and only those."""
-    return json.dumps(rule_settings(config, rule_name), sort_keys=True)
+    of them reruns the rule's jobs, and only those. Jobs of one objective read its section only."""
+
+    def settings(wildcards):
+        objective = wildcards.get("objective")
+        return json.dumps(rule_settings(config, rule_name, objective), sort_keys=True)
+
+    return settings
 
 
 def resume_resources():
@@ -64,11 +73,17 @@ def fraction_name(fraction):
     return f"{fraction:g}"
 
 
+def run_inits():
+    """The init wildcard's values: each objective for init 'pretrained', and 'scratch'."""
+    inits = config["finetune"]["inits"]
+    return (OBJECTIVES if "pretrained" in inits else []) + (["scratch"] if "scratch" in inits else [])
+
+
 def run_paths(pattern):
     """`pattern` filled in for every (init, label fraction, seed) of the config."""
     return expand(
         pattern,
-        init=config["finetune"]["inits"],
+        init=run_inits(),
         fraction=[fraction_name(f) for f in config["finetune"]["label_fractions"]],
         seed=config["finetune"]["seeds"],
     )
@@ -85,11 +100,19 @@ def directory_of(name):
 
 
 def pretrained_encoder(wildcards):
-    return ENCODER if wildcards.init == "pretrained" else []
+    return [] if wildcards.init == "scratch" else ENCODER.format(objective=wildcards.init)
 
 
 def encoder_option(wildcards, input):
-    return f"--encoder {input.encoder}" if input.encoder else ""
+    """--init and, from a pretrained encoder, --encoder."""
+    if wildcards.init == "scratch":
+        return "--init scratch"
+    return f"--init pretrained --encoder {input.encoder}"
+
+
+def per_objective(pattern):
+    """`pattern` filled in for every pretraining objective."""
+    return expand(pattern, objective=OBJECTIVES)
 
 
 def report_outputs():

@@ -28,14 +28,14 @@ rule knn_probe:
         card=f"{DATA}/card.json",
         normalization=f"{DATA}/normalization.json",
     output:
-        metrics=f"{RESULTS}/evaluate/knn.json",
+        metrics=f"{RESULTS}/evaluate/knn/{{objective}}.json",
     params:
         settings=settings_of("knn_probe"),
         data_dir=directory_of("card"),
     log:
-        f"{LOGS}/knn_probe.log",
+        f"{LOGS}/knn_probe/{{objective}}.log",
     benchmark:
-        f"{BENCHMARKS}/knn_probe.tsv"
+        f"{BENCHMARKS}/knn_probe/{{objective}}.tsv"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4096,

@@ -27,7 +27,7 @@ rule finetune:
         "../../envs/finetune.yaml"
     shell:
         "python -m ssl_pipeline finetune --data-dir {params.data_dir} --subset {input.subset}"
-        " {params.encoder} --init {wildcards.init} --fraction {wildcards.fraction}"
+        " {params.encoder} --fraction {wildcards.fraction}"
         " --seed {wildcards.seed} --settings {params.settings:q}"
         " --threads {threads} --resume-file {params.resume_file}"
         " --checkpoint-every {resources.checkpoint_every} --resume {resources.resume}"

@@ -1,3 +1,4 @@
+# One job per objective of config pretrain.objectives.
 # Reads the training images and their statistics only: never a label file. Given more than one GPU
 # (e.g. --set-resources pretrain:gpu=4), it runs one data-parallel process per GPU (config
 # pretrain.processes).
@@ -7,14 +8,14 @@ rule pretrain:
         normalization=f"{DATA}/normalization.json",
     output:
         checkpoint=ENCODER,
-        curve=f"{RESULTS}/pretrain/curve.csv",
+        curve=f"{RESULTS}/pretrain/{{objective}}/curve.csv",
     params:
         settings=settings_of("pretrain"),
-        resume_file=f"{RESUME}/pretrain.pt",
+        resume_file=f"{RESUME}/pretrain/{{objective}}.pt",
     log:
-        f"{LOGS}/pretrain.log",
+        f"{LOGS}/pretrain/{{objective}}.log",
     benchmark:
-        f"{BENCHMARKS}/pretrain.tsv"
+        f"{BENCHMARKS}/pretrain/{{objective}}.tsv"
     threads: config["compute"]["threads"]
     resources:
         gpu=1,

@@ -2,8 +2,8 @@ rule report:
     input:
         run_metrics=run_paths(f"{RESULTS}/evaluate/{RUN}/metrics.json"),
         finetune_curves=run_paths(f"{RESULTS}/finetune/{RUN}/curve.csv"),
-        pretrain_curve=f"{RESULTS}/pretrain/curve.csv",
-        knn=f"{RESULTS}/evaluate/knn.json",
+        pretrain_curves=per_objective(f"{RESULTS}/pretrain/{{objective}}/curve.csv"),
+        knn=per_objective(f"{RESULTS}/evaluate/knn/{{objective}}.json"),
         card=f"{DATA}/card.json",
     output:
         summary=report(
@@ -41,6 +41,6 @@ rule report:
         "../../envs/report.yaml"
     shell:
         "python -m ssl_pipeline report --run-metrics {input.run_metrics}"
-        " --finetune-curves {input.finetune_curves} --pretrain-curve {input.pretrain_curve}"
+        " --finetune-curves {input.finetune_curves} --pretrain-curves {input.pretrain_curves}"
         " --knn {input.knn} --card {input.card} --settings {params.settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
