@@ -164,15 +164,15 @@ ENCODER = "results/pretrain/simclr/encoder.pt"
 
 
 def running_job_of_rule(rule: str, workdir: Path, timeout: float = 240) -> str:
-    """The Slurm id of the first running job of `rule` (the plugin puts the rule in the job's comment)
-    submitted from `workdir`, waiting for it."""
+    """The Slurm id of the first running job of `rule` (the plugin puts the rule in the job's comment:
+    rule_<rule>, or rule_<rule>_wildcards_<values>) submitted from `workdir`, waiting for it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         queue = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i|%k|%Z"],
                                capture_output=True, text=True, check=True).stdout
         for line in queue.splitlines():
             slurm_id, comment, job_workdir = line.split("|", 2)
-            if comment == f"rule_{rule}" and Path(job_workdir) == workdir:
+            if comment.split("_wildcards_")[0] == f"rule_{rule}" and Path(job_workdir) == workdir:
                 return slurm_id
         time.sleep(0.5)
     raise AssertionError(f"no job of rule {rule} ran within {timeout} s")
