@@ -26,6 +26,7 @@ from ssl_pipeline.training import load_checkpoint
 from tests.conftest import REPO, SMOKE, copy_workflow, tool_env
 from tests.test_distributed import PRETRAIN as DDP_PRETRAIN
 from tests.test_distributed import command_env, pretrain_command, unlabeled_images  # noqa: F401 (fixture)
+from tests.test_objectives import SETTINGS as OBJECTIVE_SETTINGS
 from tests.test_training import CPU, FINETUNE, MODEL, PRETRAIN, data_dir, encoder_path  # noqa: F401
 
 LONG_PRETRAIN = {**PRETRAIN, "epochs": 200}  # 400 steps: time to stop it somewhere in the middle
@@ -123,7 +124,8 @@ def stopped_pretraining(data_dir, out, settings=LONG_PRETRAIN, every=60.0):  # n
     """Pretraining stopped by SIGTERM somewhere in its first second: -> its resume file."""
     run = (data_dir / "train_images.npy", data_dir / "normalization.json", out / "encoder.pt", out / "curve.csv")
     sender = sigterm_after(random.uniform(0.0, 0.5))
-    with pytest.raises(TrainingStopped, match=r"pretrain simclr stopped by SIGTERM at epoch \d+, step \d of 2"):
+    with pytest.raises(TrainingStopped, match=rf"pretrain {settings['objective']} stopped by SIGTERM at epoch \d+, "
+                                              r"step \d of 2"):
         pretrain(*run, settings, MODEL, CPU, resume_at(out / "resume.pt", every))
     sender.join()
     assert not (out / "encoder.pt").exists() and (out / "resume.pt").exists()
@@ -140,6 +142,26 @@ def test_pretraining_stopped_by_sigterm_resumes_to_the_weights_of_an_uninterrupt
     assert_same_weights(load_checkpoint(tmp_path / "encoder.pt")["encoder"], weights)
     assert_same_losses(read_curve(tmp_path / "curve.csv"), curve, "loss")
     assert not (tmp_path / "resume.pt").exists()  # deleted once the outputs are written
+
+
+@pytest.mark.parametrize("objective", ["byol", "moco_v2"])
+def test_momentum_targets_and_the_queue_resume_exactly(data_dir, tmp_path, objective):  # noqa: F811
+    """BYOL's target network, MoCo's key encoder and queue, and the generator that shuffles MoCo's key
+    batch are in the resume state: stopped by SIGTERM and resumed, the run ends with the online and
+    target weights and the queue of an uninterrupted one."""
+    settings = {**LONG_PRETRAIN, "objective": objective, objective: OBJECTIVE_SETTINGS[objective]}
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    for out in (whole, stopped):
+        out.mkdir()
+    pretrain(data_dir / "train_images.npy", data_dir / "normalization.json", whole / "encoder.pt",
+             whole / "curve.csv", settings, MODEL, CPU, resume_at(whole / "resume.pt", every=60))
+    run = stopped_pretraining(data_dir, stopped, settings)
+    pretrain(*run, settings, MODEL, CPU, resume_at(stopped / "resume.pt", every=60))
+    ours, theirs = (load_checkpoint(out / "encoder.pt") for out in (stopped, whole))
+    assert_same_weights(ours["encoder"], theirs["encoder"], "encoder")
+    assert_same_weights(ours["objective_head"], theirs["objective_head"], "objective")
+    momentum_state = "queue.keys" if objective == "moco_v2" else "target_encoder.features.0.0.weight"
+    assert momentum_state in theirs["objective_head"]
 
 
 def test_finetuning_stopped_by_sigterm_resumes_to_the_model_of_an_uninterrupted_run(
