@@ -146,14 +146,19 @@ def stage_groups(rule_jobs: list, config: dict) -> dict:
     for job in rule_jobs:
         deps = tuple(as_template(path, job.input_patterns, job.wildcards) for path in job.inputs)
         outs = tuple(as_template(path, job.output_patterns, job.wildcards) for path in job.outputs.values())
-        keys = tuple(rule_leaf_keys(config, job.rule, job.wildcards.get("objective")))
-        groups[(deps, outs, keys)].append(job)
+        objective = job.wildcards.get("objective")
+        keys = tuple(rule_leaf_keys(config, job.rule, objective))
+        groups[(deps, outs, keys, objective)].append(job)
     return groups
 
 
 def group_names(rule: str, groups: dict) -> dict:
     """rule, or rule_<values> when its jobs form several groups: the wildcard values that are constant
-    within a group but differ between groups (finetune_pretrained, finetune_scratch)."""
+    within a group but differ between groups (finetune_simclr, finetune_scratch). A job of one objective
+    is always named after it (pretrain_simclr, knn_probe_simclr), so that adding an objective renames
+    no stage and DVC keeps the others' locked state."""
+    if all(key[3] for key in groups):
+        return {key: f"{rule}_{key[3]}" for key in groups}
     if len(groups) == 1:
         return {key: rule for key in groups}
     names = {}
@@ -212,11 +217,12 @@ def build_dvc_yaml(workdir: Path, configfiles: list) -> str:
     for rule in topological_rules(jobs):
         groups = stage_groups(by_rule[rule], config)
         names = group_names(rule, groups)
-        for (deps, outs, keys), group in sorted(groups.items(), key=lambda item: names[item[0]]):
+        for key, group in sorted(groups.items(), key=lambda item: names[item[0]]):
+            deps, outs, keys, _ = key
             # A list per stage: a shared one would be written as a YAML anchor and alias.
             params = param_sources(list(keys), configfiles, workdir)
             stage = stage_definition(rule, deps, outs, group, configfiles, params)
-            stages[names[(deps, outs, keys)]] = stage
+            stages[names[key]] = stage
         outputs |= {path for job in by_rule[rule] for path in job.outputs.values()}
     missing = [path for path in METRICS if path not in outputs]
     if missing:

@@ -110,8 +110,8 @@ def test_each_objective_gets_stages_that_read_its_own_config_section(tmp_path):
     (workdir / "two.yaml").write_text(yaml.safe_dump({"pretrain": {"objectives": ["simclr", "byol"]}}))
     versioning("dvc-yaml", *SMOKE, "--configfile", "two.yaml", cwd=workdir)
     stages = yaml.safe_load((workdir / "dvc.yaml").read_text())["stages"]
-    assert {"pretrain_simclr", "pretrain_byol", "knn_probe", "finetune_simclr", "finetune_byol", "finetune_scratch",
-            "evaluate"} <= set(stages)
+    assert {"pretrain_simclr", "pretrain_byol", "knn_probe_simclr", "knn_probe_byol", "finetune_simclr",
+            "finetune_byol", "finetune_scratch", "evaluate"} <= set(stages)
     for objective, other in (("simclr", "byol"), ("byol", "simclr")):
         keys = [key for source in stages[f"pretrain_{objective}"]["params"] for keys in source.values() for key in keys]
         assert f"pretrain.{objective}.projection_dim" in keys and "pretrain.epochs" in keys
@@ -121,14 +121,22 @@ def test_each_objective_gets_stages_that_read_its_own_config_section(tmp_path):
         assert stage["outs"][0].startswith(f"results/finetune/{init}/")
         assert (f"results/pretrain/{init}/encoder.pt" in stage["deps"]) == (init != "scratch")
     assert {item["init"] for item in stages["evaluate"]["foreach"].values()} == {"simclr", "byol", "scratch"}
-    assert set(stages["knn_probe"]["foreach"]) == {"simclr", "byol"}
+    # The names of simclr's stages are those of a run with simclr alone: adding byol renames none.
+    single = copy_workflow(tmp_path / "single")
+    versioning("dvc-yaml", *SMOKE, cwd=single)
+    alone = yaml.safe_load((single / "dvc.yaml").read_text())["stages"]
+    assert {"pretrain_simclr", "knn_probe_simclr", "finetune_simclr"} <= set(alone)
+    # Same deps, params and outs; only cmd differs, since it names this test's extra config file.
+    for name in ("pretrain_simclr", "knn_probe_simclr", "finetune_simclr"):
+        assert {k: v for k, v in stages[name].items() if k not in ("cmd", "do")} == \
+            {k: v for k, v in alone[name].items() if k not in ("cmd", "do")}
 
 
 def test_stages_mirror_the_rules_and_name_config_keys_one_by_one(recorded):
     repo, _ = recorded
     stages = dvc("stage", "list", "--name-only", cwd=repo).stdout.split()
     assert stages[:3] == ["download", "preprocess", "label_subset@0.1"]
-    assert {"pretrain", "knn_probe", "report", "finetune_simclr@0.1", "finetune_scratch@1",
+    assert {"pretrain_simclr", "knn_probe_simclr", "report", "finetune_simclr@0.1", "finetune_scratch@1",
             "evaluate@simclr-0.1", "evaluate@scratch-1"} <= set(stages)
     assert len([stage for stage in stages if stage.startswith("finetune")]) == 4  # one per run
     lock = (repo / "dvc.lock").read_text()
@@ -174,7 +182,7 @@ def test_a_tampered_checkpoint_is_reported_by_dvc_status(recorded, tmp_path):
     encoder = clone / "results" / "pretrain" / "simclr" / "encoder.pt"
     encoder.write_bytes(encoder.read_bytes() + b"tampered")
     status = dvc("status", cwd=clone).stdout
-    assert "pretrain:" in status and "modified:           results/pretrain/simclr/encoder.pt" in status
+    assert "pretrain_simclr:" in status and "modified:           results/pretrain/simclr/encoder.pt" in status
 
 
 @pytest.mark.parametrize("remote", ["empty", "unreachable"])
@@ -214,7 +222,7 @@ def test_an_experiment_reruns_only_the_stages_its_key_affects(recorded, tmp_path
     versioning("pull", cwd=clone)
     experiment = dvc("exp", "run", "-n", "knn-k-5", "-S", "config/config.yaml:evaluate.knn_k=5", cwd=clone)
     ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"knn_probe", "report"}
+    assert ran == {"knn_probe_simclr", "report"}
 
     table = list(csv.DictReader(io.StringIO(dvc("exp", "show", "--csv", cwd=clone).stdout)))
     knn_k = {row["Experiment"] or row["rev"]: row["evaluate.knn_k"] for row in table}
@@ -238,5 +246,5 @@ def test_an_objectives_key_reruns_its_own_stages_and_another_objectives_key_none
     experiment = dvc("exp", "run", "-n", "objective-keys", "-S", "config/config.yaml:pretrain.simclr.temperature=0.3",
                      "-S", "config/config.yaml:pretrain.byol.base_momentum=0.9", cwd=clone)
     ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"pretrain", "knn_probe", "finetune_simclr@0.1", "finetune_simclr@1", "evaluate@simclr-0.1",
-                   "evaluate@simclr-1", "report"}
+    assert ran == {"pretrain_simclr", "knn_probe_simclr", "finetune_simclr@0.1", "finetune_simclr@1",
+                   "evaluate@simclr-0.1", "evaluate@simclr-1", "report"}

@@ -64,7 +64,8 @@ def test_identical_embeddings_give_vicreg_zero_invariance_and_decorrelated_ones_
     assert covariance_term(z).item() == pytest.approx(0, abs=1e-6)
     collapsed = torch.zeros(16, 8)
     assert variance_term(collapsed).item() == pytest.approx(1 - math.sqrt(1e-4))
-    assert vicreg_loss(collapsed, collapsed, 25, 25, 1).item() == pytest.approx(2 * 25 * (1 - 0.01))
+    # Both branches collapsed: the variance term is their mean, 1 - sqrt(eps) each.
+    assert vicreg_loss(collapsed, collapsed, 25, 25, 1).item() == pytest.approx(25 * (1 - 0.01))
 
 
 def test_byol_loss_is_zero_for_aligned_and_four_for_opposite_predictions():
@@ -88,8 +89,8 @@ def test_byol_target_follows_the_ema_formula_with_the_cosine_momentum_schedule()
         parameter.data.add_(1.0)  # the online network moves away from its copy
     before = copy.deepcopy(objective.target_encoder.state_dict())
     objective.after_step(encoder, step=3, total_steps=10)
-    tau = 1 - (1 - 0.9) * (math.cos(math.pi * 2 / 10) + 1) / 2
-    assert tau == pytest.approx(cosine_momentum(0.9, 2, 10))
+    tau = 1 - (1 - 0.9) * (math.cos(math.pi * 3 / 10) + 1) / 2
+    assert tau == pytest.approx(cosine_momentum(0.9, 3, 10))
     for name, online in encoder.named_parameters():
         expected = tau * before[name] + (1 - tau) * online.detach()
         torch.testing.assert_close(objective.target_encoder.state_dict()[name], expected)

@@ -64,8 +64,9 @@ def test_pretraining_reduces_the_contrastive_loss(encoder_path):
 
 
 def test_a_collapsing_objective_is_flagged_and_a_healthy_one_is_not(data_dir, tmp_path, encoder_path, caplog):
-    """BYOL without its predictor, with a target equal to the online network (momentum 0), collapses
-    (Grill et al. 2020, Table 5a); at a high learning rate it does within a few epochs."""
+    """BYOL without its predictor collapses (Grill et al. 2020, Table 5a); with a target that starts
+    as a copy of the online network and follows it closely (base momentum 0) and a high learning rate
+    it does within a few epochs."""
     healthy = read_curve(encoder_path.parent / "pretrain_curve.csv")
     assert not is_collapsed(float(healthy[-1]["embedding_std"]), PRETRAIN["simclr"]["projection_dim"])
     byol = {"projection_hidden_dim": 32, "projection_dim": 16, "prediction_hidden_dim": 32, "predictor": False,

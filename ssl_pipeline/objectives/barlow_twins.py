@@ -16,7 +16,11 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     return standardise(z1.float()).T @ standardise(z2.float()) / z1.shape[0]
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def barlow_twins_loss(z1, z2, off_diagonal_weight: float) -> torch.Tensor:
+    """In fp32 whatever the autocast around it: the off-diagonal sum is a difference of two sums of
+    about D, which bf16 would round by several units."""
     correlation = cross_correlation(z1, z2)
     diagonal = correlation.diagonal()
     on_diagonal = (1 - diagonal).pow(2).sum()

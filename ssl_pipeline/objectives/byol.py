@@ -36,6 +36,6 @@ class BYOL(Objective):
         return normalised_mse(p1, t2) + normalised_mse(p2, t1), predictions
 
     def after_step(self, encoder, step: int, total_steps: int) -> None:
-        momentum = cosine_momentum(self.base_momentum, step - 1, total_steps)
+        momentum = cosine_momentum(self.base_momentum, step, total_steps)  # base after step 0, 1 after the last
         ema_update(self.target_encoder, encoder, momentum)
         ema_update(self.target_projector, self.projector, momentum)

@@ -12,7 +12,8 @@ Visual Representation Learning", CVPR 2020.
 - Shuffling BN (MoCo §3.3): the key encoder must not compute BatchNorm statistics over the same group
   of images as the queries, or the positive can be told from the negatives by those statistics. MoCo
   shuffles the keys' batch across GPUs. We do the equivalent on every device: the key batch is put in
-  random order and split into `bn_splits` groups, each normalised on its own, then put back in order.
+  random order and split into `bn_splits` groups (fewer if the batch is too small for 2 views per
+  group), each normalised on its own, then put back in order.
   This works the same with one process or many (under DDP with SyncBatchNorm the groups span ranks,
   still in random order).
 - Under data parallelism the queue receives every rank's keys (gathered, rank 0's first), so every
@@ -24,8 +25,12 @@ import torch.nn.functional as F
 from ssl_pipeline.objectives.common import Objective, ema_update, frozen_copy, gather_without_gradient, mlp
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def info_nce(queries, keys, negatives, temperature: float) -> torch.Tensor:
-    """queries, keys: (B, D) normalised, row i of keys is row i's positive; negatives: (K, D)."""
+    """queries, keys: (B, D) normalised, row i of keys is row i's positive; negatives: (K, D). In fp32
+    whatever the autocast around it: logits of similar keys differ in the third decimal."""
+    queries, keys, negatives = queries.float(), keys.float(), negatives.float()
     positive = (queries * keys).sum(dim=1, keepdim=True)  # (B, 1)
     negative = queries @ negatives.T  # (B, K)
     logits = torch.cat([positive, negative], dim=1) / temperature
@@ -65,10 +70,12 @@ class MoCoV2(Objective):
         def embed(images):
             return self.key_projector(self.key_encoder(images))
 
-        if not self.training or self.bn_splits == 1:
+        # At least 2 views per group, or BatchNorm has no batch statistics; sizes differ by at most 1.
+        groups = min(self.bn_splits, len(views) // 2)
+        if not self.training or groups <= 1:
             return F.normalize(embed(views).float(), dim=1)
         order = torch.randperm(len(views), device=views.device, generator=generator)
-        shuffled = torch.cat([embed(group) for group in views[order].chunk(self.bn_splits)])
+        shuffled = torch.cat([embed(group) for group in torch.tensor_split(views[order], groups)])
         return F.normalize(shuffled[order.argsort()].float(), dim=1)
 
     def forward(self, features, views, generator=None):  # (2B, F), (2B, C, H, W) -> (loss, embeddings)

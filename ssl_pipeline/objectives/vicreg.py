@@ -23,10 +23,15 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     return (covariance.pow(2).sum() - covariance.diagonal().pow(2).sum()) / d
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def vicreg_loss(z1, z2, invariance_weight, variance_weight, covariance_weight) -> torch.Tensor:
+    """In fp32 whatever the autocast around it (the covariance sums D^2 small squares). As the authors'
+    code, which the weights were tuned on: invariance is the mean squared error over all N x D entries,
+    the variance term the mean of the two branches', the covariance term their sum."""
     z1, z2 = z1.float(), z2.float()
     invariance = F.mse_loss(z1, z2)
-    variance = variance_term(z1) + variance_term(z2)
+    variance = (variance_term(z1) + variance_term(z2)) / 2
     covariance = covariance_term(z1) + covariance_term(z2)
     return invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
 
