@@ -140,6 +140,12 @@ class Trainer:
     loader: object = None  # the reference's DataLoader
 
 
+def pretraining_objective(config: dict) -> str:
+    """The objective a pretraining measurement uses: pretrain.objective where measured_steps set it,
+    else the first of config pretrain.objectives."""
+    return config["pretrain"].get("objective", config["pretrain"]["objectives"][0])
+
+
 def build_trainer(stage: str, implementation: str, config: dict, train: Split, runtime, workers: int = 0,
                   batch_size: int = None) -> Trainer:
     """Model, loss, optimiser and batch size come from the config and are built the same way for both
@@ -152,8 +158,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
     in_channels, image_shape = train.images.shape[1], train.images.shape[1:]
     if stage == "pretrain":
         encoder = prepare(build_encoder(config["model"], in_channels), device)
-        # The first objective of config pretrain.objectives (one of them, named, when set by `objective`).
-        name = settings.get("objective", settings["objectives"][0])
+        name = pretraining_objective(config)
         objective = build_objective(name, encoder, settings[name]).to(device)
         modules, loss_name = (encoder, objective), f"{name} on two views"
     else:
@@ -284,10 +289,9 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         synchronize(device)
         rates.append(steps * trainer.images_per_step / (time.perf_counter() - start))
 
-    pretraining = config["pretrain"]
     return {
         "stage": stage,
-        "objective": pretraining.get("objective", pretraining["objectives"][0]) if stage == "pretrain" else None,
+        "objective": pretraining_objective(config) if stage == "pretrain" else None,
         "implementation": implementation,
         "workers": trainer.workers,
         "batch_size": trainer.batch_size,

@@ -13,15 +13,20 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def all_gather_rows(z: torch.Tensor) -> torch.Tensor:
+    """(B, D) on each rank -> (world_size * B, D), rank 0's rows first."""
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.contiguous())
+    return torch.cat(parts)
+
+
 class _GatherFromAllRanks(torch.autograd.Function):
     """all_gather whose backward hands each rank the gradient of its own rows, summed over the ranks
     (each rank's loss depends on every rank's rows). Works on every backend, gloo included."""
 
     @staticmethod
     def forward(ctx, z):  # (B, D) on each rank -> (world_size * B, D), rank 0's rows first
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z.contiguous())
-        return torch.cat(parts)
+        return all_gather_rows(z)
 
     @staticmethod
     def backward(ctx, grad):  # (world_size * B, D) -> (B, D)
@@ -43,23 +48,17 @@ def gather_from_all_ranks(z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gather_without_gradient(z: torch.Tensor) -> torch.Tensor:
     """(B, D) on each rank -> (world_size * B, D), rank 0's rows first; for targets, which need none."""
-    if world_size() == 1:
-        return z
-    parts = [torch.empty_like(z) for _ in range(world_size())]
-    dist.all_gather(parts, z.contiguous())
-    return torch.cat(parts)
+    return z if world_size() == 1 else all_gather_rows(z)
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_batch_norm: bool = False):
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2):
     """`layers` linear layers with BatchNorm and ReLU between them, the heads of SimCLR, BYOL, MoCo v2
-    (2 layers), VICReg and Barlow Twins (3). last_batch_norm adds an affine-free BN on the output."""
+    (2 layers), VICReg and Barlow Twins (3)."""
     modules, width = [], in_dim
     for _ in range(layers - 1):
         modules += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         width = hidden_dim
     modules.append(nn.Linear(width, out_dim))
-    if last_batch_norm:
-        modules.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*modules)
 
 
