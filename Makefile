@@ -13,7 +13,7 @@ CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).
 VERSIONING := $(PYTHON) -m ssl_pipeline.versioning
 
 .PHONY: help run smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
-	time-to-accuracy
+	time-to-accuracy gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench-tiny: $(VENV)/installed  ## the speed benchmark on 512 images, in about 20
 time-to-accuracy: $(VENV)/installed  ## supervised training until test accuracy reaches 0.90, then 0.92
 	$(PYTHON) -m ssl_pipeline.benchmark time-to-accuracy --epochs 12 --time-limit 600 \
 		--out results/performance/time_to_accuracy.json
+
+gpu-check: $(VENV)/installed  ## prove the CUDA path on an NVIDIA GPU: benchmark, time to 0.92, DAGs, tests
+	$(PYTHON) -m ssl_pipeline.gpu_check
 
 clean:  ## remove results and Snakemake's state (keeps .venv)
 	rm -rf results .snakemake

@@ -43,6 +43,7 @@ from ssl_pipeline.objectives import build_objective
 from ssl_pipeline.preprocess import load_split as read_split
 from ssl_pipeline.preprocess import normalization_statistics
 from ssl_pipeline.pretrain import contrastive_loss
+from ssl_pipeline.roofline import count_flops, describe_flops, efficiency, measure_roof, synchronize
 from ssl_pipeline.runtime import available_cpus, setup_runtime
 from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
 
@@ -68,9 +69,11 @@ class Plan:
     min_steps: int = 3  # ...and at least this many steps
     images: int = None
     batch_size: int = None
+    roof_seconds: float = 2.0  # timing of each roof operation (ssl_pipeline/roofline.py)
 
 
-TINY = Plan(repetitions=3, warmup_steps=2, repetition_seconds=0.1, min_steps=2, images=512, batch_size=32)
+TINY = Plan(repetitions=3, warmup_steps=2, repetition_seconds=0.1, min_steps=2, images=512, batch_size=32,
+            roof_seconds=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,11 +116,6 @@ def load_split(raw_dir, config: dict, split: str, limit=None) -> Split:
 def endless(make_iterable):
     while True:
         yield from make_iterable()
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,7 +262,8 @@ def tree_memory(pid: int, field: str) -> int:
 
 
 def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan) -> dict:
-    """Build one trainer, warm it up, and time `plan.repetitions` runs of the same number of steps."""
+    """Build one trainer, count its FLOPs on one eager step, compile it where compute["compile"] says
+    so, warm it up, and time `plan.repetitions` runs of the same number of steps."""
     runtime = setup_runtime(compute, SEED)
     device = runtime.device
     train = load_split(raw_dir, config, "train", plan.images)
@@ -272,6 +271,16 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
 
     # Warm-up: worker start-up, allocator and cudnn autotuning. Its last steps size the repetitions.
     trainer.step()
+    flops_per_image = count_flops(trainer.step) / trainer.images_per_step  # on the eager modules
+    compile_seconds = None
+    if runtime.compile:
+        synchronize(device)
+        start = time.perf_counter()
+        runtime.compile_modules(*trainer.modules)
+        trainer.step()  # compiles; later steps may recompile once more (e.g. after the first backward)
+        trainer.step()
+        synchronize(device)
+        compile_seconds = time.perf_counter() - start
     synchronize(device)
     start = time.perf_counter()
     for _ in range(plan.warmup_steps - 1):
@@ -293,6 +302,9 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         "stage": stage,
         "objective": pretraining_objective(config) if stage == "pretrain" else None,
         "implementation": implementation,
+        "compiled": runtime.compile,
+        # The first two compiled steps, compilation included; not in the timed repetitions.
+        "compile_seconds": compile_seconds,
         "workers": trainer.workers,
         "batch_size": trainer.batch_size,
         "images_per_step": trainer.images_per_step,
@@ -302,6 +314,7 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
         "images_per_second": statistics.mean(rates),
         "images_per_second_std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
         "repetitions": rates,
+        "flops_per_image": flops_per_image,
         # Kernel high-water mark of the training process alone (ru_maxrss is KiB on Linux).
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB,
         # Proportional set size of the training process and its workers, after the timed runs: each
@@ -401,19 +414,44 @@ def measured_steps(config: dict, stages) -> list:
     return steps
 
 
-def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stages=STAGES, log=print) -> dict:
+def machine_roof(compute: dict, plan: Plan, log=print) -> dict:
+    """The convolution and matmul roof on the measurements' device, threads and precision."""
+    runtime = setup_runtime({**compute, "compile": False}, SEED)
+    log(f"roof: convolution and matmul, {runtime.device}, {threads(runtime.threads)}")
+    return measure_roof(runtime.device, runtime.autocast_dtype, plan.roof_seconds)
+
+
+def add_efficiency(run: dict, roof: dict) -> dict:
+    return {**run, **efficiency(run["flops_per_image"], run["images_per_second"], roof)}
+
+
+def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stages=STAGES, log=print,
+          compiled=True) -> dict:
+    """Every measured step eager ("ours"), compiled ("ours, compiled", unless compiled=False) and as the
+    reference with each worker count; each with its FLOPs and its fraction of the roof measured first."""
     load = MachineLoad()
+    roof = machine_roof(compute, plan, log)
     results = {}
+    eager, compile_on = {**compute, "compile": False}, {**compute, "compile": True}
     for name, stage, step_config in measured_steps(config, stages):
         log(f"{name}: ours")
-        ours = measure_in_child(stage, "ours", 0, step_config, raw_dir, compute, plan)
+        ours = add_efficiency(measure_in_child(stage, "ours", 0, step_config, raw_dir, eager, plan), roof)
+        entry = {"ours": ours}
+        if compiled:
+            log(f"{name}: ours, compiled")
+            entry["ours_compiled"] = add_efficiency(
+                measure_in_child(stage, "ours", 0, step_config, raw_dir, compile_on, plan), roof)
         candidates = []
         for workers in worker_counts:
             log(f"{name}: reference, {workers} DataLoader workers")
-            candidates.append(measure_in_child(stage, "reference", workers, step_config, raw_dir, compute, plan))
+            candidates.append(add_efficiency(
+                measure_in_child(stage, "reference", workers, step_config, raw_dir, eager, plan), roof))
         best = max(candidates, key=lambda candidate: candidate["images_per_second"])
-        results[name] = {"ours": ours, "reference": best, "reference_candidates": candidates,
-                         "speedup": ours["images_per_second"] / best["images_per_second"]}
+        entry.update({"reference": best, "reference_candidates": candidates,
+                      "speedup": ours["images_per_second"] / best["images_per_second"]})
+        if compiled:
+            entry["compiled_speedup"] = entry["ours_compiled"]["images_per_second"] / best["images_per_second"]
+        results[name] = entry
     first = next(iter(results.values()))["ours"]
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -429,7 +467,7 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
         "plan": plan.__dict__,
         "worker_counts": list(worker_counts),
     }
-    return {"meta": meta, "stages": results}
+    return {"meta": meta, "roof": roof, "stages": results}
 
 
 def machine_load(meta: dict) -> str:
@@ -441,27 +479,38 @@ def threads(count: int) -> str:
     return f"{count} thread{'' if count == 1 else 's'}"
 
 
+def implementation_name(run: dict) -> str:
+    if run["implementation"] == "ours":
+        compiled = f", compiled ({run['compile_seconds']:.0f} s to compile)" if run["compiled"] else ""
+        return f"ours: uint8 on device, batched augmentation{compiled}"
+    workers = run["workers"]
+    return f"reference: PIL + DataLoader, {workers} worker{'' if workers == 1 else 's'}"
+
+
 def speed_table(results: dict) -> str:
-    """Markdown: one row per measurement; the speed-up is ours over the fastest reference setting."""
-    rows = ["| step | implementation | images/s (mean ± sd) | peak RSS MiB | PSS MiB | CUDA peak MiB "
-            "| speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
+    """Markdown: one row per measurement; the speed-up is over the fastest reference setting, and the
+    roof is the convolution's of ssl_pipeline/roofline.py, measured in the same run."""
+    rows = ["| step | implementation | images/s (mean ± sd) | FLOPs/image | TFLOP/s | % of conv roof "
+            "| peak RSS MiB | PSS MiB | CUDA peak MiB | speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, entry in results["stages"].items():
         label = "fine-tuning" if stage == "finetune" else f"pretraining {stage.split()[1]} (2 views/image)"
         best = entry["reference"]
-        for run in [entry["ours"]] + entry["reference_candidates"]:
-            if run["implementation"] == "ours":
-                name, speedup = "ours: uint8 on device, batched augmentation", f"**{entry['speedup']:.2f}×**"
-            else:
-                workers = run["workers"]
-                name = f"reference: PIL + DataLoader, {workers} worker{'' if workers == 1 else 's'}"
-                speedup = "1.00× (fastest)" if run is best else \
-                    f"{entry['ours']['images_per_second'] / run['images_per_second']:.2f}×"
+        runs = [entry["ours"]] + ([entry["ours_compiled"]] if "ours_compiled" in entry else [])
+        for run in runs + entry["reference_candidates"]:
+            speedup = run["images_per_second"] / best["images_per_second"]
+            speedup = "1.00× (fastest)" if run is best else \
+                f"**{speedup:.2f}×**" if run["implementation"] == "ours" else f"{speedup:.2f}×"
             cuda = "–" if run["cuda_peak_allocated_mib"] is None else f"{run['cuda_peak_allocated_mib']:.0f}"
-            rows.append(f"| {label} | {name} | {run['images_per_second']:,.0f} ± "
-                        f"{run['images_per_second_std']:,.0f} | {run['host_peak_rss_mib']:.0f} | "
-                        f"{run['host_pss_mib']:.0f} | {cuda} | {speedup} |")
-    meta = results["meta"]
+            rows.append(f"| {label} | {implementation_name(run)} | {run['images_per_second']:,.0f} ± "
+                        f"{run['images_per_second_std']:,.0f} | {describe_flops(run['flops_per_image'])} | "
+                        f"{run['tflops']:.3f} | {100 * run['fraction_of_conv_roof']:.0f} % | "
+                        f"{run['host_peak_rss_mib']:.0f} | {run['host_pss_mib']:.0f} | {cuda} | {speedup} |")
+    meta, roof = results["meta"], results["roof"]
     rows.append("")
+    rows.append(f"Roof ({roof['precision']}, {threads(roof['threads'])}): convolution {roof['conv_shape']} "
+                f"{roof['conv_tflops']:.3f} TFLOP/s; matmul {roof['matmul_shape']} {roof['matmul_tflops']:.3f} "
+                "TFLOP/s. FLOPs: forward and backward of model and loss (torch.utils.flop_counter).")
     rows.append(f"`{meta['command']}` on {meta['date'][:10]}; {meta['device_name']}; "
                 f"{threads(meta['threads'])}, autocast {meta['precision']}; torch {meta['torch']}; "
                 f"{machine_load(meta)}.")
@@ -491,6 +540,7 @@ def time_to_accuracy(config: dict, raw_dir, compute: dict, targets, epochs: int,
     normalize = Normalizer(normalization_statistics(train.images), device)
     num_classes = int(train.labels.max()) + 1
     model = prepare(Classifier(build_encoder(config["model"], train.images.shape[1]), num_classes), device)
+    runtime.compile_modules(model)  # config compute.compile; its first steps' compilation counts as training
     batch_size = min(batch_size or settings["batch_size"], len(train.images))
     steps_per_epoch = len(train.images) // batch_size
     total_steps = epochs * steps_per_epoch
@@ -631,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed_mode.add_argument("--workers", type=int, nargs="+", default=None,
                             help="DataLoader worker counts to try for the reference; the fastest counts "
                                  f"(default {default_worker_counts()} here; --tiny: 1)")
+    speed_mode.add_argument("--no-compiled", dest="compiled", action="store_false",
+                            help="leave out the row of ours compiled with torch.compile")
     speed_mode.add_argument("--repetitions", type=int, default=Plan.repetitions)
     speed_mode.add_argument("--repetition-seconds", type=float, default=Plan.repetition_seconds,
                             help="length of each timed repetition")
@@ -670,7 +722,7 @@ def main(argv=None) -> int:
         plan = dataclasses.replace(plan, repetitions=args.repetitions, repetition_seconds=(
             plan.repetition_seconds if args.tiny else args.repetition_seconds))
         workers = args.workers or ([1] if args.tiny else default_worker_counts())
-        results = speed(config, raw_dir, compute, plan, workers, tuple(args.stages), log)
+        results = speed(config, raw_dir, compute, plan, workers, tuple(args.stages), log, args.compiled)
         results["meta"]["command"] = command
         write_json(args.out, results)
         print(speed_table(results))

@@ -75,6 +75,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     objective = load_pretrained_encoder(encoder, encoder_path, model_settings) if init == "pretrained" else None
     linear_probe = settings["mode"] == "linear_probe"
     model = prepare(Classifier(encoder, card["num_classes"], freeze_encoder=linear_probe), device)
+    runtime.compile_modules(model)  # where config compute.compile asks for it
     optimizer = adamw(model.parameters(), settings)
     total_steps = step_budget(len(images), settings)
     scheduler = warmup_cosine(optimizer, int(settings["warmup_fraction"] * total_steps), total_steps)

@@ -76,6 +76,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
     objective_name = settings["objective"]
     objective = build_objective(objective_name, encoder, settings[objective_name]).to(device)
+    runtime.compile_modules(encoder, objective)  # where config compute.compile asks for it
     optimizer = adamw(list(encoder.parameters()) + list(objective.parameters()), settings)
     generator = device_generator(device, settings["seed"] + ranks.rank)  # own order and augmentations
     # Per rank; the loss sees all ranks' images.

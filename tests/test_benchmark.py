@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch.utils.data import default_collate
 
-from ssl_pipeline import benchmark, reference
+from ssl_pipeline import benchmark, reference, roofline
 from ssl_pipeline.augment import contrastive_view, supervised_view
 from ssl_pipeline.data import Normalizer
 from ssl_pipeline.finetune import supervised_loss
@@ -62,7 +62,9 @@ MAY_BE_ZERO = ("workers", "images_per_second_std", "load_average", "other_proces
 MEASUREMENT_FIELDS = {"stage", "objective", "implementation", "workers", "batch_size", "images_per_step", "parameters",
                       "loss", "steps_per_repetition", "images_per_second", "images_per_second_std",
                       "repetitions", "process_peak_rss_mib", "host_peak_rss_mib", "host_pss_mib",
-                      "cuda_peak_allocated_mib", "device", "device_name", "threads", "precision"}
+                      "cuda_peak_allocated_mib", "device", "device_name", "threads", "precision",
+                      "compiled", "compile_seconds", "flops_per_image", "tflops", "fraction_of_conv_roof",
+                      "fraction_of_matmul_roof"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,17 +72,28 @@ MEASUREMENT_FIELDS = {"stage", "objective", "implementation", "workers", "batch_
 # ---------------------------------------------------------------------------------------------------
 
 def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
+    """Eager, compiled and reference rows, each with its FLOPs, TFLOP/s and fraction of the roof."""
     out = tmp_path / "speed.json"
     table = run_benchmark("speed", "--tiny", "--device", "cpu", "--threads", "1", "--configfile",
                           synthetic_override, "--out", out)
     results = json.loads(out.read_text())
 
     assert set(results["stages"]) == {"pretrain simclr", "finetune"}  # pretraining per objective of the config
+    roof = results["roof"]
+    assert roof["precision"] == results["meta"]["precision"] and roof["threads"] == 1
     for name, entry in results["stages"].items():
         stage = name.split()[0]
-        runs = [entry["ours"], entry["reference"], *entry["reference_candidates"]]
+        runs = [entry["ours"], entry["ours_compiled"], entry["reference"], *entry["reference_candidates"]]
+        assert [run["compiled"] for run in runs] == [False, True, False, False]
+        assert entry["ours_compiled"]["compile_seconds"] > 0 and entry["ours"]["compile_seconds"] is None
+        # One model and loss: the same FLOPs per image whichever way the batches are made.
+        assert len({run["flops_per_image"] for run in runs}) == 1
+        assert entry["compiled_speedup"] == pytest.approx(entry["ours_compiled"]["images_per_second"]
+                                                          / entry["reference"]["images_per_second"])
         for run in runs:
             assert set(run) == MEASUREMENT_FIELDS
+            assert run["tflops"] == pytest.approx(run["flops_per_image"] * run["images_per_second"] / 1e12)
+            assert run["fraction_of_conv_roof"] == pytest.approx(run["tflops"] / roof["conv_tflops"])
             assert run["stage"] == stage and run["device"] == "cpu"
             assert run["objective"] == ("simclr" if stage == "pretrain" else None)
             assert run["cuda_peak_allocated_mib"] is None  # no device memory to report on the CPU
@@ -100,6 +113,7 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
             "other_processes_cpu_seconds", "seconds"} <= set(results["meta"])
     assert results["meta"]["command"].startswith("python -m ssl_pipeline.benchmark speed --tiny")
     assert "| pretraining simclr (2 views/image) | ours" in table
+    assert ", compiled (" in table and "% of conv roof" in table and "Roof (float32, 1 thread)" in table
     assert "reference: PIL + DataLoader, 1 worker |" in table
 
 
@@ -123,6 +137,35 @@ def test_tiny_time_to_accuracy_reports_reached_and_missed_targets(synthetic_over
     assert reachable["epochs"] == first["epochs"] and reachable["train_seconds"] == first["train_seconds"] > 0
     assert impossible == {"target": 1.01, "reached": False}
     assert results["settings"]["train_images"] == 600 and results["settings"]["test_images"] == 200
+
+
+def test_flops_are_counted_on_forward_and_backward():
+    """A linear layer's forward is 2·B·in·out FLOPs; backward computes two such products (the input's
+    and the weight's gradients), so a training step counts three times the forward."""
+    layer, inputs = torch.nn.Linear(8, 4), torch.randn(5, 8, requires_grad=True)
+    forward = 2 * 5 * 8 * 4
+    assert roofline.count_flops(lambda: layer(inputs)) == forward
+    assert roofline.count_flops(lambda: layer(inputs).sum().backward()) == 3 * forward
+    assert roofline.describe_flops(1.74e8) == "174 MFLOP"
+    assert roofline.efficiency(1e9, 2000, {"conv_tflops": 4.0, "matmul_tflops": 8.0}) == {
+        "tflops": 2.0, "fraction_of_conv_roof": 0.5, "fraction_of_matmul_roof": 0.25}
+
+
+def test_gpu_check_stops_at_once_without_cuda_and_says_why(tmp_path):
+    """With every GPU hidden, `make gpu-check` fails with the reason and writes no figures."""
+    summary = REPO / "results" / "performance" / "gpu-check.json"
+    before = summary.stat().st_mtime if summary.exists() else None
+    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.gpu_check"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                        "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and done.stdout == ""
+    message = done.stderr.strip()
+    assert message.startswith("gpu-check: make gpu-check needs an NVIDIA GPU that PyTorch can use")
+    assert "torch.cuda.is_available() is False" in message and "CUDA_VISIBLE_DEVICES=''" in message
+    assert "Traceback" not in message
+    assert (summary.stat().st_mtime if summary.exists() else None) == before
+    dry_run = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert dry_run.stdout.strip().splitlines()[-1].endswith("-m ssl_pipeline.gpu_check")
 
 
 # ---------------------------------------------------------------------------------------------------
