@@ -12,7 +12,7 @@ from ssl_pipeline.augment import supervised_view
 from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array, load_labels
 from ssl_pipeline.distributed import Ranks
 from ssl_pipeline.inference import accuracy
-from ssl_pipeline.models import Classifier, build_encoder, prepare
+from ssl_pipeline.models import Classifier, build_encoder, describe_encoder, encoder_card, prepare
 from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
 from ssl_pipeline.runtime import setup_runtime
@@ -72,6 +72,8 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     normalize = Normalizer.load(data_files["normalization"], device)
 
     encoder = build_encoder(model_settings, images.shape[1])
+    encoder_summary = encoder_card(encoder, model_settings, images.shape[1:])
+    log.info("encoder %s", describe_encoder(encoder_summary))
     objective = load_pretrained_encoder(encoder, encoder_path, model_settings) if init == "pretrained" else None
     linear_probe = settings["mode"] == "linear_probe"
     model = prepare(Classifier(encoder, card["num_classes"], freeze_encoder=linear_probe), device)
@@ -136,6 +138,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
         "model": best["state"],
         "num_classes": card["num_classes"],
         "in_channels": images.shape[1],
+        "encoder_card": encoder_summary,
         "best_step": best["step"],
         "best_val_accuracy": best["val_accuracy"],
         "labeled_images": len(images),

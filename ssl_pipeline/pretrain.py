@@ -11,7 +11,7 @@ import torch
 from ssl_pipeline import distributed
 from ssl_pipeline.augment import contrastive_view
 from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array
-from ssl_pipeline.models import build_encoder, prepare
+from ssl_pipeline.models import build_encoder, describe_encoder, encoder_card, prepare
 from ssl_pipeline.objectives import COLLAPSE_FACTOR, build_objective, embedding_std, is_collapsed
 from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
@@ -74,6 +74,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     images = distributed.shard(load_array(train_images_path, "cpu"), ranks).to(device)  # uint8 (N/W, C, H, W)
     normalize = Normalizer.load(normalization_path, device)
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
+    card = encoder_card(encoder, model_settings, images.shape[1:])
+    log.info("encoder %s", describe_encoder(card))
     objective_name = settings["objective"]
     objective = build_objective(objective_name, encoder, settings[objective_name]).to(device)
     runtime.compile_modules(encoder, objective)  # where config compute.compile asks for it
@@ -142,6 +144,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
             "encoder": encoder.state_dict(),
             "objective_head": objective.state_dict(),
             "in_channels": images.shape[1],
+            "encoder_card": card,
             "config": {"pretrain": settings, "model": model_settings},
         })
         write_curve(curve_path, curve)

@@ -27,6 +27,10 @@ def module_path(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
+def is_package_module(name: str) -> bool:
+    return name.split(".")[0] == "ssl_pipeline" and module_path(name).is_file()
+
+
 def imports_in(tree: ast.AST) -> set:
     """Absolute names of every module `tree` imports, at any depth."""
     names = set()
@@ -35,6 +39,9 @@ def imports_in(tree: ast.AST) -> set:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module)
+            # `from package import name` imports the submodule package.name when there is one.
+            names.update(f"{node.module}.{alias.name}" for alias in node.names
+                         if is_package_module(f"{node.module}.{alias.name}"))
     return names
 
 

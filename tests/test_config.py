@@ -80,7 +80,7 @@ def test_every_key_of_config_yaml_is_commented():
         (lambda c: c["finetune"].update(label_fractions=[0.5, 1.5]), "config key finetune.label_fractions.1: 1.5"),
         (lambda c: c["compute"].update(device="tpu"), "config key compute.device: 'tpu' does not match"),
         (lambda c: c["finetune"].update(mode="frozen"), "config key finetune.mode: 'frozen' is not one of"),
-        (lambda c: c["model"].update(width=[8]), "unknown key model.width; expected one of: convs_per_stage"),
+        (lambda c: c["model"].update(width=[8]), "unknown key model.width; expected one of: architecture, convs_per_stage"),
         (lambda c: c["data"].pop("split_seed"), "missing key data.split_seed"),
         (lambda c: c["dataset"]["files"]["train_images"].update(sha256="abc"),
          "config key dataset.files.train_images.sha256: 'abc' does not match"),

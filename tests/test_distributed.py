@@ -128,6 +128,42 @@ def test_ddp_gradient_of_each_objective_equals_the_single_process_gradient(tmp_p
             torch.testing.assert_close(result["buffers"][buffer_name], buffer)
 
 
+ENCODERS = {"cnn": (MODEL, 1), "resnet18": ({"architecture": "resnet18", "small_images": True}, 3)}
+
+
+def encoder_for_gradient_test(backbone):
+    torch.manual_seed(0)
+    settings, channels = ENCODERS[backbone]
+    return without_batch_statistics(build_encoder(settings, channels).to(memory_format=torch.channels_last))
+
+
+def ddp_encoder_gradients(rank, world_size, init_file, backbone, images, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    encoder = encoder_for_gradient_test(backbone)
+    parallel = distributed.data_parallel(encoder, distributed.Ranks(rank, world_size), torch.device("cpu"))
+    # The mean over the global batch: each rank's mean over its half, which DDP's gradient averaging halves.
+    parallel(images[rank::world_size]).square().mean().backward()
+    torch.save({n: p.grad for n, p in encoder.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backbone", sorted(ENCODERS))
+def test_ddp_gradient_of_each_backbone_equals_the_single_process_gradient(tmp_path, backbone):
+    """Every backbone trains data-parallel (in channels_last): the averaged gradient of two ranks equals
+    one process's on the whole batch."""
+    settings, channels = ENCODERS[backbone]
+    images = torch.rand(8, channels, 12, 12, generator=torch.Generator().manual_seed(1))
+    mp.spawn(ddp_encoder_gradients, args=(2, tmp_path / "init", backbone, images, tmp_path), nprocs=2)
+    reference = encoder_for_gradient_test(backbone)
+    order = torch.cat([torch.arange(8)[rank::2] for rank in range(2)])
+    reference(images[order]).square().mean().backward()
+    scale = max(p.grad.abs().max().item() for p in reference.parameters())
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, parameter in reference.named_parameters():
+            torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
 # ---- two-process pretraining through the command line --------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from tests.conftest import REPO
 # Import name -> conda-forge packages that provide it.
 CONDA_PACKAGES = {
     "torch": {"pytorch"},
+    "torchvision": {"torchvision"},
     "numpy": {"numpy"},
     "matplotlib": {"matplotlib", "matplotlib-base"},
     "yaml": {"pyyaml"},
@@ -78,11 +79,12 @@ def test_env_provides_every_third_party_module_the_rule_imports(rule):
 
 
 def test_import_walk_sees_the_stage_dependencies():
-    assert third_party_imports("pretrain") == {"torch", "numpy"}
+    assert third_party_imports("pretrain") == {"torch", "torchvision", "numpy"}  # torchvision: the ResNets
     assert third_party_imports("download") == set()
     assert third_party_imports("report") == {"matplotlib"}
     names = {path.name for path in stage_files("pretrain")}
-    assert {"__main__.py", "__init__.py", "pretrain.py", "augment.py", "byol.py", "moco_v2.py", "common.py"} <= names
+    assert {"__main__.py", "__init__.py", "pretrain.py", "augment.py", "byol.py", "moco_v2.py", "common.py",
+            "cnn.py", "resnet.py"} <= names  # `from ssl_pipeline.backbones import cnn, resnet` names modules
     assert not names & {"finetune.py", "report.py", "download.py"}
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssl_pipeline.models import Classifier, Encoder, build_encoder
+from ssl_pipeline.models import Classifier, Encoder, build_encoder, describe_encoder, encoder_card
 from ssl_pipeline.objectives import SimCLR, nt_xent
 
 SIMCLR = {"temperature": 0.5, "projection_hidden_dim": 32, "projection_dim": 16}
@@ -22,6 +22,60 @@ def test_build_encoder_reads_the_model_section():
     encoder = build_encoder({"widths": [4, 8], "convs_per_stage": 3, "pool_size": 1}, in_channels=1)
     convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 6 and encoder.feature_dim == 8
+
+
+RESNET18_SMALL = {"architecture": "resnet18", "small_images": True}
+
+
+@pytest.mark.parametrize("architecture, small_images, channels, features", [
+    ("resnet18", True, 3, 512), ("resnet18", False, 1, 512), ("resnet50", True, 1, 2048)])
+def test_resnets_lose_their_classifier_and_take_any_channel_count(architecture, small_images, channels, features):
+    encoder = build_encoder({"architecture": architecture, "small_images": small_images}, channels)
+    stem = encoder.network.conv1
+    assert stem.in_channels == channels
+    assert (stem.kernel_size, stem.stride) == (((3, 3), (1, 1)) if small_images else ((7, 7), (2, 2)))
+    assert isinstance(encoder.network.maxpool, torch.nn.Identity) == small_images
+    assert isinstance(encoder.network.fc, torch.nn.Identity) and encoder.feature_dim == features
+    assert encoder(torch.rand(2, channels, 32, 32)).shape == (2, features)
+
+
+def test_small_image_stem_keeps_the_resolution_the_imagenet_stem_divides_by_four():
+    shapes = {}
+    for small in (True, False):
+        network = build_encoder({"architecture": "resnet18", "small_images": small}, 3).network
+        stem = torch.nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool)
+        shapes[small] = stem(torch.rand(1, 3, 32, 32)).shape[-2:]
+    assert shapes == {True: (32, 32), False: (8, 8)}
+
+
+@pytest.mark.parametrize("settings", [{"widths": [8, 16], "convs_per_stage": 1, "pool_size": 2}, RESNET18_SMALL])
+def test_encoders_train_in_channels_last_and_bf16_autocast(settings):
+    encoder = build_encoder(settings, 3).to(memory_format=torch.channels_last)
+    images = torch.rand(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = encoder(images)
+    assert features.dtype == torch.bfloat16 and features.shape == (4, encoder.feature_dim)
+    features.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
+
+
+def test_encoder_card_counts_parameters_features_and_forward_flops():
+    encoder = build_encoder({"widths": [4], "convs_per_stage": 1, "pool_size": 1}, 1)
+    card = encoder_card(encoder.train(), {"widths": [4], "convs_per_stage": 1, "pool_size": 1}, (1, 8, 8))
+    # One 3x3 convolution 1 -> 4 channels at 8x8: 2 * 4 * 9 * 64 multiply-adds; BN, ReLU and pooling
+    # are not FLOPs in this count.
+    assert card == {"architecture": "cnn", "small_images": False, "parameters": 4 * 9 + 2 * 4, "feature_dim": 4,
+                    "image_shape": [1, 8, 8], "forward_flops_per_image": 2 * 4 * 9 * 64}
+    assert encoder.training  # counted in eval mode, given back as it was
+    assert describe_encoder(card) == "cnn: 44 parameters, 4 features, 4.61 kFLOP per 1x8x8 image (forward)"
+    resnet = encoder_card(build_encoder(RESNET18_SMALL, 3), RESNET18_SMALL, (3, 32, 32))
+    assert resnet["parameters"] == 11_168_832 and resnet["feature_dim"] == 512
+    assert 1.0e9 < resnet["forward_flops_per_image"] < 1.2e9  # ResNet-18 on CIFAR: ~0.56 G multiply-adds
+
+
+def test_an_unknown_architecture_is_named():
+    with pytest.raises(ValueError, match="model.architecture is 'vgg'; known: cnn, resnet18, resnet50"):
+        build_encoder({"architecture": "vgg"}, 3)
 
 
 def test_classifier_gives_one_logit_per_class():

@@ -132,14 +132,18 @@ def test_moco_enqueues_the_keys_of_both_views_in_training_only():
 
 # ---- training ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backbone", ["cnn", "resnet18"])
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_a_few_steps_of_each_objective_lower_its_loss(name):
+def test_a_few_steps_of_each_objective_lower_its_loss(name, backbone):
+    """Every objective with every kind of backbone: the small CNN on grey images, ResNet-18 with its
+    small-image stem on colour ones."""
     torch.manual_seed(0)
-    encoder = build_encoder(MODEL, 1)
+    model, channels = (MODEL, 1) if backbone == "cnn" else ({"architecture": backbone, "small_images": True}, 3)
+    encoder = build_encoder(model, channels)
     objective = build_objective(name, encoder, SETTINGS[name])
     parameters = [p for module in (encoder, objective) for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=3e-3)
-    images = torch.rand(32, 1, 12, 12)
+    images = torch.rand(32, channels, 12, 12)
     views = torch.cat([images + 0.05 * torch.randn_like(images), images + 0.05 * torch.randn_like(images)])
     generator = torch.Generator().manual_seed(0)
     losses = []
