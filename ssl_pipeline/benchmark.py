@@ -200,7 +200,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
 
         size = list(image_shape[1:])
         if stage == "pretrain":
-            view = reference.contrastive_transform(settings["augment"], mean, std, size)
+            view = reference.contrastive_transform(settings["augment"], mean, std, size, in_channels)
             transform = reference.TwoViews(view)
         else:
             transform = reference.supervised_transform(settings["augment"], mean, std, size)

@@ -3,7 +3,7 @@ runs torchvision transforms on it, one sample at a time, and a `DataLoader` that
 in worker processes. The benchmark times it against our pipeline on the same model, loss, batch size,
 device and thread count.
 
-The transforms follow our batched augmentations (ssl_pipeline/augment.py) as closely as torchvision
+The transforms follow our batched augmentations (ssl_pipeline/augment/) as closely as torchvision
 allows; where they differ, the comment says how. Loader settings follow the PyTorch performance tuning
 guide: worker processes with persistent_workers, pinned memory and non-blocking copies on CUDA only,
 and channels_last inputs for a CNN.
@@ -42,17 +42,23 @@ class TwoViews:
         return [self.transform(image), self.transform(image)]
 
 
-def contrastive_transform(augment: dict, mean, std, size) -> T.Compose:
+def contrastive_transform(augment: dict, mean, std, size, channels: int = 1) -> T.Compose:
     """One view, like augment.contrastive_view. augment: config `pretrain.augment`.
     Differences: torchvision resamples the crop with antialiased bilinear interpolation (ours samples
-    bilinearly without antialiasing), and ColorJitter scales brightness by a factor where ours adds an
-    offset; the ranges are the same."""
+    bilinearly without antialiasing), ColorJitter scales brightness by a factor where ours adds an
+    offset (the ranges are the same), and it orders the colour jitters at random per image, ours per
+    batch."""
     steps = [T.RandomResizedCrop(size, scale=tuple(augment["crop_scale"]), ratio=tuple(augment["crop_ratio"]))]
     if augment["flip"]:
         steps.append(T.RandomHorizontalFlip())
     if augment["brightness_contrast"] > 0:
         steps.append(T.ColorJitter(brightness=augment["brightness_contrast"],
                                    contrast=augment["brightness_contrast"]))
+    if channels == 3:  # SimCLR's colour distortion, as ours applies it to colour images only
+        jitter = augment["color_jitter"]
+        steps.append(T.RandomApply([T.ColorJitter(jitter["brightness"], jitter["contrast"], jitter["saturation"],
+                                                  jitter["hue"])], p=jitter["probability"]))
+        steps.append(T.RandomGrayscale(p=augment["grayscale_probability"]))
     return T.Compose(steps + to_normalized_tensor(augment, mean, std))
 
 

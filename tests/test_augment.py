@@ -1,7 +1,10 @@
+import colorsys
+
 import torch
 
-from ssl_pipeline.augment import (contrastive_view, random_brightness_contrast, random_erase,
-                                  random_resized_crop_flip, random_translate_flip, supervised_view)
+from ssl_pipeline.augment import (color_jitter, contrastive_view, hsv_to_rgb, random_brightness_contrast,
+                                  random_erase, random_grayscale, random_resized_crop_flip, random_translate_flip,
+                                  rgb_to_hsv, supervised_view)
 
 CONTRASTIVE = {"crop_scale": [0.3, 1.0], "crop_ratio": [0.75, 1.3333], "flip": True,
                "brightness_contrast": 0.4, "erase_probability": 0.5}
@@ -73,3 +76,54 @@ def test_brightness_contrast_changes_values_and_stays_in_range():
     out = random_brightness_contrast(images, 0.4, generator())
     assert not torch.allclose(out, images)
     assert out.min() >= 0 and out.max() <= 1
+
+
+# ---- colour -----------------------------------------------------------------------------------------
+
+COLOR = {"color_jitter": {"probability": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1},
+         "grayscale_probability": 0.2}
+
+
+def test_hsv_conversion_agrees_with_colorsys_and_round_trips():
+    pixels = torch.rand(1, 3, 1, 500, generator=generator(7))
+    hsv = rgb_to_hsv(pixels)
+    expected = [colorsys.rgb_to_hsv(*pixels[0, :, 0, index].tolist()) for index in range(500)]
+    torch.testing.assert_close(hsv[0, :, 0].T, torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hsv_to_rgb(hsv), pixels, atol=1e-5, rtol=0)
+
+
+def test_a_hue_rotation_by_a_third_turns_red_into_green():
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    hsv = rgb_to_hsv(red)
+    hsv[:, 0] = (hsv[:, 0] + 1 / 3) % 1
+    torch.testing.assert_close(hsv_to_rgb(hsv).flatten(), torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_color_jitter_changes_the_chosen_share_of_images_and_stays_in_range():
+    images = batch(size=400, channels=3, height=6, width=6)
+    never = color_jitter(images, {**COLOR["color_jitter"], "probability": 0.0}, generator())
+    assert torch.equal(never, images)
+    jittered = color_jitter(images, COLOR["color_jitter"], generator())
+    changed = (jittered - images).abs().amax(dim=(1, 2, 3)) > 1e-4
+    assert 0.72 < changed.float().mean().item() < 0.88  # probability 0.8
+    assert jittered.min() >= 0 and jittered.max() <= 1
+
+
+def test_random_grayscale_makes_the_chosen_images_grey_with_luma_weights():
+    images = batch(size=400, channels=3, height=4, width=4)
+    always = random_grayscale(images, 1.0, generator())
+    luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    for channel in range(3):
+        torch.testing.assert_close(always[:, channel], luma)
+    grey = (random_grayscale(images, 0.2, generator()) == luma.unsqueeze(1)).all(dim=(1, 2, 3))
+    assert 0.14 < grey.float().mean().item() < 0.26
+
+
+def test_colour_distortion_runs_on_colour_views_only_and_draws_nothing_for_grey_ones():
+    """So 1-channel data (the default Fashion-MNIST run) get exactly the views they got before."""
+    grey, colour = batch(channels=1), batch(channels=3)
+    plain = {**CONTRASTIVE, "color_jitter": {**COLOR["color_jitter"], "probability": 0.0}, "grayscale_probability": 0.0}
+    with_colour = {**CONTRASTIVE, **COLOR}
+    assert torch.equal(contrastive_view(grey, with_colour, generator()), contrastive_view(grey, plain, generator()))
+    assert not torch.equal(contrastive_view(colour, with_colour, generator()),
+                           contrastive_view(colour, plain, generator()))

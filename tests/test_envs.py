@@ -83,7 +83,7 @@ def test_import_walk_sees_the_stage_dependencies():
     assert third_party_imports("download") == set()
     assert third_party_imports("report") == {"matplotlib"}
     names = {path.name for path in stage_files("pretrain")}
-    assert {"__main__.py", "__init__.py", "pretrain.py", "augment.py", "byol.py", "moco_v2.py", "common.py",
+    assert {"__main__.py", "__init__.py", "pretrain.py", "geometric.py", "photometric.py", "byol.py", "moco_v2.py", "common.py",
             "cnn.py", "resnet.py"} <= names  # `from ssl_pipeline.backbones import cnn, resnet` names modules
     assert not names & {"finetune.py", "report.py", "download.py"}
 
