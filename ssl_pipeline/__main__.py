@@ -46,20 +46,34 @@ def resume_of(args) -> dict:
 
 def run_download(args):
     from ssl_pipeline.download import RetryPolicy, download_dataset
+    from ssl_pipeline.raw_files import dataset_files, raw_paths, unlabeled_files
 
-    files, retry = args.settings["dataset"]["files"], args.settings["download"]
-    destinations = {role: f"{args.out_dir}/{spec['name']}" for role, spec in files.items()}
+    dataset, retry = args.settings["dataset"], args.settings["download"]
     policy = RetryPolicy(retry["attempts"], retry["backoff_seconds"], retry["timeout_seconds"])
-    download_dataset(files, args.settings["dataset"]["mirrors"], destinations, policy)
+    paths = raw_paths(dataset, args.out_dir)
+    download_dataset(dataset_files(dataset), dataset["mirrors"], paths["dataset"], policy,
+                     archives=dataset["format"] != "idx")
+    own = unlabeled_files(dataset)
+    if own:
+        unlabeled = dataset["unlabeled"]
+        download_dataset(own, unlabeled.get("mirrors") or dataset["mirrors"], paths["unlabeled"], policy,
+                         archives="archive" in own)
 
 
 def run_preprocess(args):
     from ssl_pipeline.preprocess import preprocess
+    from ssl_pipeline.raw_files import raw_paths
 
     dataset, data = args.settings["dataset"], args.settings["data"]
-    raw = {role: f"{args.raw_dir}/{spec['name']}" for role, spec in dataset["files"].items()}
-    preprocess(raw, args.out_dir, dataset["name"], data["validation_fraction"], data["split_seed"],
-               dataset["class_names"])
+    paths = raw_paths(dataset, args.raw_dir)
+    options = {"image_folder": dataset["image_folder"], "cifar_binary": dataset["cifar_binary"]}.get(
+        dataset["format"], {})
+    unlabeled = dataset.get("unlabeled")
+    if unlabeled:
+        unlabeled = {"format": unlabeled["format"], "paths": paths["unlabeled"],
+                     "options": {**dataset["image_folder"], "root": unlabeled.get("root", "")}}
+    preprocess(paths["dataset"], args.out_dir, dataset["name"], data["validation_fraction"], data["split_seed"],
+               dataset["class_names"], dataset["format"], options, unlabeled)
 
 
 def run_label_subset(args):
@@ -75,7 +89,8 @@ def run_pretrain(args):
     # Several processes: this one becomes torchrun, which runs this same command once per process.
     relaunch_under_torchrun(processes_for(args.settings["pretrain"]["processes"], args.gpus), sys.argv[1:])
     pretrain(args.train_images, args.normalization, args.checkpoint, args.curve,
-             args.settings["pretrain"], args.settings["model"], compute_of(args), resume_of(args))
+             args.settings["pretrain"], args.settings["model"], compute_of(args), resume_of(args),
+             args.unlabeled_images)
 
 
 def run_finetune(args):
@@ -138,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = stages.add_parser("pretrain", help="self-supervised pretraining of the encoder")
     stage.add_argument("--train-images", required=True)
+    stage.add_argument("--unlabeled-images", default=None,
+                       help="extra unlabeled images (N, C, H, W) that pretraining sees beside the train split")
     stage.add_argument("--normalization", required=True)
     add_settings(stage, "pretrain, model, compute")
     add_threads(stage)

@@ -40,7 +40,7 @@ from ssl_pipeline.finetune import supervised_loss
 from ssl_pipeline.inference import accuracy
 from ssl_pipeline.models import Classifier, build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
-from ssl_pipeline.preprocess import load_split as read_split
+from ssl_pipeline.datasets.idx import load_split as read_split
 from ssl_pipeline.preprocess import normalization_statistics
 from ssl_pipeline.pretrain import contrastive_loss
 from ssl_pipeline.roofline import count_flops, describe_flops, efficiency, measure_roof, synchronize

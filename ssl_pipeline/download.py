@@ -1,8 +1,11 @@
 """Fetching dataset files from an ordered list of mirrors.
 
-A mirror is an http(s) URL or a local directory. Each file is identified by the sha256 of its
+A mirror is an http(s) URL or a local directory. Data files (IDX) are identified by the sha256 of their
 *decompressed* content, because mirrors compress differently (Debian re-gzipped Fashion-MNIST, so its
-.gz bytes differ from upstream's). For every mirror we try `<name>.gz`, then `<name>`.
+.gz bytes differ from upstream's); for every mirror we try `<name>.gz`, then `<name>`, and install the
+decompressed file. Archives (the other formats) are fetched by their exact name and kept as they are;
+their checksum covers the archive file itself. Where a publisher gives only an md5 (CIFAR, STL-10,
+MNIST's .gz files), a file's spec may name `md5` instead of `sha256`: it covers the file as fetched.
 """
 import gzip
 import hashlib
@@ -103,23 +106,54 @@ def decompress_and_hash(raw: Path, destination: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_verified(mirror: str, name: str, sha256: str, destination: Path, policy: RetryPolicy) -> None:
-    """Try `<name>.gz` then `<name>` on one mirror, with retries, and install a verified copy."""
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_checksum(checksum) -> tuple:
+    """A spec's checksum as (algorithm, hex): a bare string is a sha256."""
+    if isinstance(checksum, str):
+        return "sha256", checksum
+    algorithm = "sha256" if "sha256" in checksum else "md5"
+    return algorithm, checksum[algorithm]
+
+
+def install(raw: Path, verified: Path, checksum, archive: bool) -> str:
+    """Install the fetched file `raw` at `verified` (an archive as it is, a data file decompressed);
+    -> the digest that identifies it: md5 of the fetched file, or sha256 of what was installed."""
+    algorithm, _ = expected_checksum(checksum)
+    fetched_md5 = file_digest(raw, "md5") if algorithm == "md5" else None
+    if archive:
+        raw.replace(verified)
+        return fetched_md5 or file_digest(verified, "sha256")
+    installed_sha256 = decompress_and_hash(raw, verified)
+    return fetched_md5 or installed_sha256
+
+
+def fetch_verified(mirror: str, name: str, checksum, destination: Path, policy: RetryPolicy,
+                   archive: bool = False) -> None:
+    """Try `<name>.gz` then `<name>` on one mirror (an archive: `<name>` only), with retries, and install
+    a verified copy."""
+    algorithm, expected = expected_checksum(checksum)
     not_found = []
-    for candidate in (name + ".gz", name):
+    for candidate in ((name,) if archive else (name + ".gz", name)):
         for attempt in range(1, policy.attempts + 1):
             try:
                 with atomic_path(destination) as verified:
                     raw = verified.with_name(verified.name + ".raw")
                     try:
                         fetch_to(mirror, candidate, raw, policy.timeout_seconds)
-                        actual = decompress_and_hash(raw, verified)
+                        actual = install(raw, verified, checksum, archive)
                     finally:
                         raw.unlink(missing_ok=True)
-                    if actual != sha256:
+                    if actual != expected:
                         raise ChecksumMismatch(
                             f"checksum mismatch for {name} from {mirror} ({candidate}): "
-                            f"expected sha256 {sha256}, got {actual}"
+                            f"expected {algorithm} {expected}, got {actual}"
                         )
                 return
             except NotOnMirror as error:
@@ -134,8 +168,8 @@ def fetch_verified(mirror: str, name: str, sha256: str, destination: Path, polic
     raise NotOnMirror("; ".join(not_found))
 
 
-def download_file(name: str, sha256: str, mirrors: list, destination: Path, policy: RetryPolicy,
-                  unreachable: dict) -> None:
+def download_file(name: str, checksum, mirrors: list, destination: Path, policy: RetryPolicy,
+                  unreachable: dict, archive: bool = False) -> None:
     """Install `name` at `destination` from the first mirror that has it with the right content.
 
     `unreachable` maps mirrors that failed with a network error to that error, so that the other
@@ -148,8 +182,8 @@ def download_file(name: str, sha256: str, mirrors: list, destination: Path, poli
             continue
         log.info("fetching %s from %s", name, mirror)
         try:
-            fetch_verified(mirror, name, sha256, destination, policy)
-            log.info("installed %s from %s (sha256 %s)", destination, mirror, sha256)
+            fetch_verified(mirror, name, checksum, destination, policy, archive)
+            log.info("installed %s from %s (%s %s)", destination, mirror, *expected_checksum(checksum))
             return
         except ChecksumMismatch as error:
             failures.append(f"{mirror}: {error}")
@@ -164,14 +198,16 @@ def download_file(name: str, sha256: str, mirrors: list, destination: Path, poli
     raise DownloadError(f"could not fetch {name} from any of {len(mirrors)} mirrors:\n{tried}")
 
 
-def download_dataset(files: dict, mirrors: list, destinations: dict, policy: RetryPolicy) -> None:
-    """Fetch every file of a dataset. `files` maps a role to {name, sha256}; `destinations` a role to a path."""
+def download_dataset(files: dict, mirrors: list, destinations: dict, policy: RetryPolicy,
+                     archives: bool = False) -> None:
+    """Fetch every file of a dataset. `files` maps a role to {name, sha256 or md5}; `destinations` a role
+    to a path. archives: the files are archives, kept as fetched (formats other than idx)."""
     unreachable = {}
     installed = []
     try:
         for role, spec in files.items():
             destination = Path(destinations[role])
-            download_file(spec["name"], spec["sha256"], mirrors, destination, policy, unreachable)
+            download_file(spec["name"], spec, mirrors, destination, policy, unreachable, archives)
             installed.append(destination)
     except BaseException:
         # The files form one output set: a dataset with a file missing is no dataset.

@@ -1,11 +1,14 @@
-"""From raw IDX files to compact uint8 arrays, a validation split, labeled subsets and a dataset card.
+"""From the raw files, whatever their format (ssl_pipeline/datasets/), to compact uint8 arrays, a
+validation split, labeled subsets and a dataset card.
 
 Everything written here lives in one directory:
     {split}_images.npy   uint8 (N, C, H, W)      for split in train, val, test
     {split}_labels.npy   uint8 (N,)
+    unlabeled_images.npy uint8 (M, C, H, W)      config dataset.unlabeled's images (M = 0 without one)
     normalization.json   per-channel mean/std of the training split, and the image shape
     card.json            counts per class per split, checksums, statistics
-Pretraining reads only train_images.npy and normalization.json, never a label file.
+Pretraining reads only train_images.npy, unlabeled_images.npy and normalization.json, never a label
+file.
 
 Labeled subsets (`write_label_subset`) are separate jobs, one per seed and fraction, so that adding a
 seed or a fraction to the config leaves the data files, and every model trained on them, untouched.
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_pipeline.artifacts import atomic_path, read_json, write_json
-from ssl_pipeline.idx import IdxFormatError, read_idx
+from ssl_pipeline.datasets import DatasetFormatError, RawDataset, read_dataset, read_unlabeled
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -37,44 +40,20 @@ def sha256_of(path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation of the raw files
+# Validation of the raw data
 # ---------------------------------------------------------------------------------------------------
 
-def as_nchw(images: np.ndarray, source) -> np.ndarray:
-    """IDX images are (N, H, W) or (N, H, W, C); we store (N, C, H, W)."""
-    if images.ndim == 3:
-        return images[:, None, :, :]
-    if images.ndim == 4 and images.shape[3] in (1, 3):
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    raise IdxFormatError(
-        f"{source}: an image file must have 3 dimensions (N, H, W) or 4 (N, H, W, C with C 1 or 3), "
-        f"got shape {images.shape}"
-    )
-
-
-def load_split(images_path, labels_path):
-    images = as_nchw(read_idx(images_path), images_path)
-    labels = read_idx(labels_path)
-    if labels.ndim != 1:
-        raise IdxFormatError(f"{labels_path}: a label file must have 1 dimension, got shape {labels.shape}")
-    if len(images) != len(labels):
-        raise IdxFormatError(
-            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
-        )
-    return images, labels
-
-
-def check_classes(train_labels, test_labels, raw: dict, class_names) -> int:
+def check_classes(dataset: RawDataset, class_names) -> int:
     """Read the number of classes off the data and check both splits against it."""
-    num_classes = int(train_labels.max()) + 1
-    missing = sorted(set(range(num_classes)) - set(np.unique(train_labels).tolist()))
+    num_classes = int(dataset.train_labels.max()) + 1
+    missing = sorted(set(range(num_classes)) - set(np.unique(dataset.train_labels).tolist()))
     if missing:
-        raise IdxFormatError(
-            f"{raw['train_labels']}: labels must cover 0..{num_classes - 1}, classes {missing} have no example"
+        raise DatasetFormatError(
+            f"{dataset.sources['train']}: labels must cover 0..{num_classes - 1}, classes {missing} have no example"
         )
-    if int(test_labels.max()) >= num_classes:
-        raise IdxFormatError(
-            f"{raw['test_labels']}: label {int(test_labels.max())} is out of range; "
+    if int(dataset.test_labels.max()) >= num_classes:
+        raise DatasetFormatError(
+            f"{dataset.sources['test']}: label {int(dataset.test_labels.max())} is out of range; "
             f"the training labels define classes 0..{num_classes - 1}"
         )
     if class_names and len(class_names) != num_classes:
@@ -143,20 +122,41 @@ def class_counts(labels, num_classes) -> list:
 # The stage
 # ---------------------------------------------------------------------------------------------------
 
+def read_unlabeled_source(unlabeled, image_shape) -> np.ndarray:
+    """The unlabeled source's images, which must have the labeled images' shape; (0, C, H, W) without one."""
+    if not unlabeled:
+        return np.zeros((0, *image_shape), dtype=np.uint8)
+    images = read_unlabeled(unlabeled["format"], unlabeled["paths"], unlabeled.get("options") or {})
+    if images.shape[1:] != tuple(image_shape):
+        source = ", ".join(str(path) for path in unlabeled["paths"].values())
+        raise DatasetFormatError(f"{source}: unlabeled images are {images.shape[1:]} (C, H, W), the labeled ones "
+                                 f"{tuple(image_shape)}; config key dataset.unlabeled must give the same size and mode")
+    return images
+
+
 def preprocess(raw: dict, out_dir, dataset_name: str, validation_fraction: float, split_seed: int,
-               class_names=None) -> dict:
-    """Validate the raw IDX files and write the directory described in the module docstring."""
+               class_names=None, data_format: str = "idx", options: dict = None, unlabeled: dict = None) -> dict:
+    """Read the raw files (`raw`: role -> path) in `data_format`, check them, and write the directory
+    described in the module docstring. unlabeled: {"format", "paths", "options"} of config
+    dataset.unlabeled, or None."""
     out_dir = Path(out_dir)
-    train_images, train_labels = load_split(raw["train_images"], raw["train_labels"])
-    test_images, test_labels = load_split(raw["test_images"], raw["test_labels"])
+    dataset = read_dataset(data_format, raw, options or {})
+    train_images, train_labels = dataset.train_images, dataset.train_labels
+    test_images, test_labels = dataset.test_images, dataset.test_labels
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise IdxFormatError(
-            f"{raw['test_images']}: images are {test_images.shape[1:]} (C, H, W) but the training "
-            f"images in {raw['train_images']} are {train_images.shape[1:]}"
+        raise DatasetFormatError(
+            f"{dataset.sources.get('test_images', dataset.sources['test'])}: images are {test_images.shape[1:]} "
+            f"(C, H, W) but the training images in {dataset.sources.get('train_images', dataset.sources['train'])} "
+            f"are {train_images.shape[1:]}"
         )
-    num_classes = check_classes(train_labels, test_labels, raw, class_names)
-    log.info("read %d training and %d test images of shape %s, %d classes",
-             len(train_images), len(test_images), train_images.shape[1:], num_classes)
+    num_classes = check_classes(dataset, class_names)
+    if num_classes > 256:
+        raise DatasetFormatError(f"{dataset.sources['train']}: {num_classes} classes; labels are stored as uint8 (256 at most)")
+    train_labels, test_labels = train_labels.astype(np.uint8), test_labels.astype(np.uint8)  # as IDX stores them
+    class_names = class_names or dataset.class_names
+    unlabeled_images = read_unlabeled_source(unlabeled, train_images.shape[1:])
+    log.info("read %d training, %d test and %d unlabeled images of shape %s, %d classes",
+             len(train_images), len(test_images), len(unlabeled_images), train_images.shape[1:], num_classes)
 
     train_index, val_index = stratified_validation_split(train_labels, num_classes, validation_fraction,
                                                          split_seed)
@@ -168,12 +168,14 @@ def preprocess(raw: dict, out_dir, dataset_name: str, validation_fraction: float
     for split, (images, labels) in splits.items():
         save_array(out_dir / f"{split}_images.npy", images)
         save_array(out_dir / f"{split}_labels.npy", labels)
+    save_array(out_dir / "unlabeled_images.npy", unlabeled_images)
 
     statistics = normalization_statistics(splits["train"][0])
     write_json(out_dir / "normalization.json", statistics)
 
     card = {
         "dataset": dataset_name,
+        "format": data_format,
         "num_classes": num_classes,
         "class_names": class_names or [str(c) for c in range(num_classes)],
         "image_shape": statistics["image_shape"],
@@ -182,9 +184,15 @@ def preprocess(raw: dict, out_dir, dataset_name: str, validation_fraction: float
         "validation": {"fraction": validation_fraction, "seed": split_seed, "stratified": True},
         "splits": {split: {"count": len(labels), "per_class": class_counts(labels, num_classes)}
                    for split, (_, labels) in splits.items()},
+        "unlabeled": {"count": len(unlabeled_images),
+                      "format": unlabeled["format"] if unlabeled else None,
+                      "used_by": "pretraining only (with the train split); never the kNN memory bank"},
         "raw_sha256": {role: sha256_of(path) for role, path in sorted(raw.items())},
-        "sha256": {f"{split}_{kind}.npy": sha256_of(out_dir / f"{split}_{kind}.npy")
-                   for split in SPLITS for kind in ("images", "labels")},
+        **({"unlabeled_raw_sha256": {role: sha256_of(path) for role, path in sorted(unlabeled["paths"].items())}}
+           if unlabeled else {}),
+        "sha256": {**{f"{split}_{kind}.npy": sha256_of(out_dir / f"{split}_{kind}.npy")
+                      for split in SPLITS for kind in ("images", "labels")},
+                   "unlabeled_images.npy": sha256_of(out_dir / "unlabeled_images.npy")},
     }
     write_json(out_dir / "card.json", card)
     log.info("wrote %s", out_dir)

@@ -33,6 +33,17 @@ def contrastive_loss(encoder, objective, normalize, batch, augment: dict, genera
         return objective(encoder(views), views, generator)
 
 
+def training_images(train_images_path, unlabeled_images_path=None):
+    """uint8 (N, C, H, W) on the CPU: the train split, then the unlabeled images, if any."""
+    images = load_array(train_images_path, "cpu")
+    if unlabeled_images_path:
+        unlabeled = load_array(unlabeled_images_path, "cpu")
+        if len(unlabeled):
+            log.info("adding %d unlabeled images to the %d training images", len(unlabeled), len(images))
+            images = torch.cat([images, unlabeled])
+    return images
+
+
 def epoch_record(step: int, sums: list, steps_per_epoch: int, scheduler, clock, settings) -> dict:
     """One row of the curve at the end of an epoch; sums: the epoch's summed loss and embedding std."""
     elapsed = clock.seconds()
@@ -56,9 +67,11 @@ def mark_collapse(record: dict, objective_name: str, embedding_dim: int) -> None
 
 
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
-             settings: dict, model_settings: dict, compute: dict, resume=None) -> dict:
+             settings: dict, model_settings: dict, compute: dict, resume=None, unlabeled_images_path=None) -> dict:
     """settings: config `pretrain`; model_settings: config `model`; compute: config `compute`;
-    resume: the resume file's path and config compute's resume keys (ssl_pipeline/resume.py).
+    resume: the resume file's path and config compute's resume keys (ssl_pipeline/resume.py);
+    unlabeled_images_path: extra images without labels (config dataset.unlabeled), trained on beside the
+    train split.
     Run by torchrun as several processes, each trains on its shard and rank 0 writes the outputs."""
     # ---- setup ------------------------------------------------------------------------------------
     fail_once_if_asked("pretrain")
@@ -71,7 +84,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
                             settings["seed"])
     device = runtime.device
     distributed.join(ranks, device)
-    images = distributed.shard(load_array(train_images_path, "cpu"), ranks).to(device)  # uint8 (N/W, C, H, W)
+    images = training_images(train_images_path, unlabeled_images_path)
+    images = distributed.shard(images, ranks).to(device)  # uint8 (N/W, C, H, W)
     normalize = Normalizer.load(normalization_path, device)
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
     card = encoder_card(encoder, model_settings, images.shape[1:])
@@ -91,7 +105,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
 
     # ---- resume state -----------------------------------------------------------------------------
     identity = job_identity("pretrain", {"pretrain": settings, "model": model_settings, "compute": compute},
-                            {"train_images": train_images_path, "normalization": normalization_path},
+                            {"train_images": train_images_path, "normalization": normalization_path,
+                             **({"unlabeled_images": unlabeled_images_path} if unlabeled_images_path else {})},
                             ranks.world_size)
     resume = resume_options(resume, checkpoint_path)
     resume_file = ResumeFile(resume["path"], identity, resume["mode"])

@@ -6,8 +6,10 @@ as the stage's `params` (so `dvc exp run -S key=value` reruns exactly the stages
 """
 
 RULE_CONFIG_KEYS = {
-    "download": ["dataset.files", "dataset.mirrors", "download"],
-    "preprocess": ["dataset.name", "dataset.files", "dataset.class_names", "data"],
+    "download": ["dataset.format", "dataset.files", "dataset.archive", "dataset.mirrors", "dataset.unlabeled",
+                 "download"],
+    "preprocess": ["dataset.name", "dataset.format", "dataset.files", "dataset.archive", "dataset.class_names",
+                   "dataset.image_folder", "dataset.cifar_binary", "dataset.unlabeled", "data"],
     "label_subset": [],
     "pretrain": ["pretrain", "model", "compute"],
     "finetune": ["finetune", "model", "compute"],

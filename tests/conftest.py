@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_pipeline.idx import encode_idx
+from ssl_pipeline.datasets.idx import encode_idx
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"

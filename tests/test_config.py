@@ -124,4 +124,5 @@ def test_rule_settings_hold_the_keys_the_rule_reads_and_no_run_list():
     assert settings["finetune"]["augment"] == DEFAULT["finetune"]["augment"]
     assert "threads" not in settings["compute"] and settings["compute"]["device"] == "auto"
     assert rule_settings(DEFAULT, "download")["dataset"] == {
-        "files": DEFAULT["dataset"]["files"], "mirrors": DEFAULT["dataset"]["mirrors"]}
+        "format": "idx", "files": DEFAULT["dataset"]["files"], "archive": None,
+        "mirrors": DEFAULT["dataset"]["mirrors"], "unlabeled": None}

@@ -12,6 +12,7 @@ from tests.conftest import REPO
 CONDA_PACKAGES = {
     "torch": {"pytorch"},
     "torchvision": {"torchvision"},
+    "PIL": {"pillow"},
     "numpy": {"numpy"},
     "matplotlib": {"matplotlib", "matplotlib-base"},
     "yaml": {"pyyaml"},

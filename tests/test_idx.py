@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ssl_pipeline.idx import IdxFormatError, encode_idx, parse_idx, read_idx
+from ssl_pipeline.datasets.idx import IdxFormatError, encode_idx, parse_idx, read_idx
 
 
 def test_round_trip_keeps_shape_and_values():

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from ssl_pipeline.idx import IdxFormatError, encode_idx
+from ssl_pipeline.datasets import DatasetFormatError
+from ssl_pipeline.datasets.idx import IdxFormatError, encode_idx
 from ssl_pipeline.preprocess import (labeled_subset, preprocess, stratified_validation_split,
                                      write_label_subset)
 from tests.conftest import write_synthetic_idx
@@ -111,7 +112,7 @@ def break_file(raw, role, array):
 )
 def test_inconsistent_files_are_rejected_before_anything_is_written(raw, tmp_path, role, array, message):
     break_file(raw, role, array)
-    with pytest.raises(IdxFormatError, match=message) as error:
+    with pytest.raises(DatasetFormatError, match=message) as error:
         preprocess(raw, tmp_path / "data", "synthetic", 0.25, split_seed=0)
     assert str(raw[role]) in str(error.value)
     assert not (tmp_path / "data").exists()

@@ -6,6 +6,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from ssl_pipeline.config import validate_config
+from ssl_pipeline.raw_files import all_raw_paths
 from ssl_pipeline.settings import OBJECTIVE_SECTIONS, rule_settings
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")

@@ -1,9 +1,10 @@
+# The raw files of config dataset (the four IDX files, or one archive) and of dataset.unlabeled, if any.
 rule download:
     output:
-        **{role: f"{RAW}/{spec['name']}" for role, spec in config["dataset"]["files"].items()},
+        all_raw_paths(config["dataset"], RAW),
     params:
         settings=settings_of("download"),
-        out_dir=directory_of("train_images"),
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/download.log",
     threads: 1

@@ -5,6 +5,7 @@ rule preprocess:
         ancient(rules.download.output),
     output:
         split_files(*SPLITS),
+        unlabeled=f"{DATA}/unlabeled_images.npy",
         normalization=f"{DATA}/normalization.json",
         card=f"{DATA}/card.json",
     params:

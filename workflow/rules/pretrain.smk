@@ -1,10 +1,12 @@
 # One job per objective of config pretrain.objectives.
-# Reads the training images and their statistics only: never a label file. Given more than one GPU
+# Reads the training images, the unlabeled ones (config dataset.unlabeled; none by default) and their
+# statistics only: never a label file. Given more than one GPU
 # (e.g. --set-resources pretrain:gpu=4), it runs one data-parallel process per GPU (config
 # pretrain.processes).
 rule pretrain:
     input:
         images=f"{DATA}/train_images.npy",
+        unlabeled=f"{DATA}/unlabeled_images.npy",
         normalization=f"{DATA}/normalization.json",
     output:
         checkpoint=ENCODER,
@@ -25,7 +27,7 @@ rule pretrain:
     conda:
         "../../envs/pretrain.yaml"
     shell:
-        "python -m ssl_pipeline pretrain --train-images {input.images}"
+        "python -m ssl_pipeline pretrain --train-images {input.images} --unlabeled-images {input.unlabeled}"
         " --normalization {input.normalization} --settings {params.settings:q} --threads {threads}"
         " --gpus {resources.gpu} --resume-file {params.resume_file}"
         " --checkpoint-every {resources.checkpoint_every} --resume {resources.resume}"

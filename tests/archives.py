@@ -1,0 +1,94 @@
+"""Small archives in the published formats (CIFAR binary, STL-10 binary, image folders), built from given
+arrays, for tests that cannot reach the real ones."""
+import io
+import tarfile
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path, members: dict) -> None:
+    """members: name -> bytes (None: a directory)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            if data is None:
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                add_bytes(tar, name, data)
+
+
+def cifar10_members(train: tuple, test: tuple, names=None) -> dict:
+    """train/test: (uint8 images (N, 3, 32, 32), labels (N,)); train split into 5 batches."""
+    def batch(images, labels):
+        return np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1).tobytes()
+
+    members = {"cifar-10-batches-bin": None}
+    for index, part in enumerate(np.array_split(np.arange(len(train[0])), 5), start=1):
+        members[f"cifar-10-batches-bin/data_batch_{index}.bin"] = batch(train[0][part], train[1][part])
+    members["cifar-10-batches-bin/test_batch.bin"] = batch(*test)
+    if names:
+        members["cifar-10-batches-bin/batches.meta.txt"] = ("\n".join(names) + "\n\n").encode()
+    return members
+
+
+def cifar100_members(train: tuple, test: tuple, coarse_of, fine_names=None, coarse_names=None) -> dict:
+    """Labels are the fine ones; coarse_of maps a fine label to its coarse one."""
+    def records(images, fine):
+        coarse = np.asarray([coarse_of(label) for label in fine], dtype=np.uint8)
+        return np.concatenate([coarse[:, None], fine.astype(np.uint8)[:, None], images.reshape(len(images), -1)],
+                              axis=1).tobytes()
+
+    members = {"cifar-100-binary/train.bin": records(*train), "cifar-100-binary/test.bin": records(*test)}
+    if fine_names:
+        members["cifar-100-binary/fine_label_names.txt"] = "\n".join(fine_names).encode()
+    if coarse_names:
+        members["cifar-100-binary/coarse_label_names.txt"] = "\n".join(coarse_names).encode()
+    return members
+
+
+def stl10_members(train: tuple, test: tuple, unlabeled, names=None) -> dict:
+    """Images (N, 3, 96, 96) stored column-major per channel as STL-10 does; labels 0..9 stored as 1..10."""
+    def column_major(images):
+        return np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tobytes()
+
+    members = {"stl10_binary/train_X.bin": column_major(train[0]),
+               "stl10_binary/train_y.bin": (train[1] + 1).astype(np.uint8).tobytes(),
+               "stl10_binary/test_X.bin": column_major(test[0]),
+               "stl10_binary/test_y.bin": (test[1] + 1).astype(np.uint8).tobytes(),
+               "stl10_binary/unlabeled_X.bin": column_major(unlabeled)}
+    if names:
+        members["stl10_binary/class_names.txt"] = "\n".join(names).encode()
+    return members
+
+
+def png_bytes(image: np.ndarray, image_format="PNG") -> bytes:
+    """uint8 (C, H, W) with C 1 or 3 -> encoded bytes."""
+    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def image_folder_members(splits: dict, class_names, prefix="") -> dict:
+    """splits: root -> (images (N, C, H, W), labels); files named by their index, so the reader's order
+    (by file name) is the arrays' order."""
+    members = {}
+    for root, (images, labels) in splits.items():
+        for index, (image, label) in enumerate(zip(images, labels)):
+            members[f"{prefix}{root}/{class_names[label]}/{index:06d}.png"] = png_bytes(image)
+    return members
+
+
+def write_zip(path, members: dict) -> None:
+    with zipfile.ZipFile(path, "w") as bundle:
+        for name, data in members.items():
+            bundle.writestr(name, data)
