@@ -61,13 +61,13 @@ def run_download(args):
 
 
 def run_preprocess(args):
+    from ssl_pipeline.datasets import format_options
     from ssl_pipeline.preprocess import preprocess
     from ssl_pipeline.raw_files import raw_paths
 
     dataset, data = args.settings["dataset"], args.settings["data"]
     paths = raw_paths(dataset, args.raw_dir)
-    options = {"image_folder": dataset["image_folder"], "cifar_binary": dataset["cifar_binary"]}.get(
-        dataset["format"], {})
+    options = format_options(dataset)
     unlabeled = dataset.get("unlabeled")
     if unlabeled:
         unlabeled = {"format": unlabeled["format"], "paths": paths["unlabeled"],

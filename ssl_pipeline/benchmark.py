@@ -40,6 +40,7 @@ from ssl_pipeline.finetune import supervised_loss
 from ssl_pipeline.inference import accuracy
 from ssl_pipeline.models import Classifier, build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
+from ssl_pipeline.datasets import format_options, read_dataset
 from ssl_pipeline.datasets.idx import load_split as read_split
 from ssl_pipeline.preprocess import normalization_statistics
 from ssl_pipeline.pretrain import contrastive_loss
@@ -86,7 +87,8 @@ def load_config(override_paths=()) -> dict:
 
 def default_raw_dir(config: dict) -> Path:
     """The pipeline's downloaded files if present, else the first local-directory mirror that has them."""
-    name = config["dataset"]["files"]["train_images"]["name"]
+    dataset = config["dataset"]
+    name = dataset["files"]["train_images"]["name"] if dataset["format"] == "idx" else dataset["archive"]["name"]
     for directory in [DOWNLOADED] + [Path(mirror) for mirror in config["dataset"]["mirrors"]]:
         if any((directory / candidate).is_file() for candidate in (name, name + ".gz")):
             return directory
@@ -107,9 +109,16 @@ class Split:
 
 
 def load_split(raw_dir, config: dict, split: str, limit=None) -> Split:
-    files = config["dataset"]["files"]
-    images, labels = read_split(raw_path(Path(raw_dir), files[f"{split}_images"]["name"]),
-                                raw_path(Path(raw_dir), files[f"{split}_labels"]["name"]))
+    """One split of the raw data: IDX files as a mirror holds them, or any other format's archive."""
+    dataset = config["dataset"]
+    if dataset["format"] == "idx":
+        files = dataset["files"]
+        images, labels = read_split(raw_path(Path(raw_dir), files[f"{split}_images"]["name"]),
+                                    raw_path(Path(raw_dir), files[f"{split}_labels"]["name"]))
+    else:
+        data = read_dataset(dataset["format"], {"archive": Path(raw_dir) / dataset["archive"]["name"]},
+                            format_options(dataset))
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
     return Split(np.ascontiguousarray(images[:limit]), labels[:limit].astype(np.int64))
 
 

@@ -118,7 +118,7 @@ def expected_checksum(checksum) -> tuple:
     """A spec's checksum as (algorithm, hex): a bare string is a sha256."""
     if isinstance(checksum, str):
         return "sha256", checksum
-    algorithm = "sha256" if "sha256" in checksum else "md5"
+    algorithm = "sha256" if checksum.get("sha256") else "md5"
     return algorithm, checksum[algorithm]
 
 

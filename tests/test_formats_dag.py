@@ -1,6 +1,7 @@
-"""The whole DAG on each dataset format, fetched over loopback HTTP: CIFAR-10 binary with colour images
-and a ResNet-18 small-image stem, CIFAR-100 binary with coarse labels, STL-10 binary with its unlabeled
-split, and the real Fashion-MNIST as PNG folders, whose results must equal the IDX run's."""
+"""The whole DAG of each ready-made experiment (config/experiments/{cifar10,cifar100,stl10,mnist}.yaml) on
+a small synthetic archive in exactly its format, served over loopback HTTP at smoke size: colour images
+and a ResNet-18 small-image stem, CIFAR-100's coarse labels, STL-10's unlabeled split, MNIST's md5s;
+and the real Fashion-MNIST as PNG folders, whose results must equal the IDX run's."""
 import gzip
 import hashlib
 import json
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from ssl_pipeline.datasets.idx import parse_idx
+from ssl_pipeline.datasets.idx import encode_idx, parse_idx
 from tests.archives import cifar10_members, cifar100_members, image_folder_members, stl10_members, write_tar
-from tests.conftest import DEBIAN_FASHION_MNIST, SMOKE, copy_workflow, snakemake, synthetic_images
+from tests.conftest import DEBIAN_FASHION_MNIST, REPO, SMOKE, copy_workflow, snakemake, synthetic_images
 from tests.test_workflow import assert_complete_report, read_summary
 
 pytestmark = pytest.mark.workflow
@@ -43,24 +44,35 @@ def merged(base: dict, override: dict) -> dict:
     return result
 
 
-def run_dag(tmp_path, url, dataset: dict, extra=None):
+def run_experiment(tmp_path, url, name: str, dataset: dict):
+    """The experiment file's whole DAG at smoke size, its mirrors pointed at the loopback server and its
+    checksums at the synthetic files."""
     workdir = copy_workflow(tmp_path / "workflow")
-    override = merged(SMALL, {"dataset": {"mirrors": [f"{url}/data"], "class_names": [], **dataset}, **(extra or {})})
+    override = merged(SMALL, {"dataset": {"mirrors": [f"{url}/data"], **dataset}})
     (workdir / "format.yaml").write_text(yaml.safe_dump(override))
-    snakemake(workdir, "--cores", "2", *SMOKE, "format.yaml")
+    snakemake(workdir, "--cores", "2", "--configfile", f"config/experiments/{name}.yaml",
+              "config/experiments/smoke.yaml", "format.yaml")
     card = json.loads((workdir / "results" / "data" / "card.json").read_text())
     assert_complete_report(workdir, expected_runs=2, fractions=[1.0])
     return workdir, card
 
 
-def test_cifar10_binary_with_colour_and_a_resnet18_small_stem(tmp_path, http_server):
+def experiment(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / "experiments" / f"{name}.yaml").read_text())
+
+
+def archive_of(name: str, routes, directory, members) -> dict:
+    """The experiment's archive, in its format and under its name, with the synthetic file's md5."""
+    spec = experiment(name)["dataset"]["archive"]
+    return {"archive": serve_archive(routes, directory, spec["name"], members, checksum="md5")}
+
+
+def test_cifar10_experiment_with_colour_and_a_resnet18_small_stem(tmp_path, http_server):
     url, routes = http_server
     train_labels, test_labels = np.arange(80) % 10, np.arange(20) % 10
     members = cifar10_members((colour_images(train_labels, 32, 1), train_labels),
                               (colour_images(test_labels, 32, 2), test_labels), [f"class{i}" for i in range(10)])
-    archive = serve_archive(routes, tmp_path, "cifar-10-binary.tar.gz", members, checksum="md5")
-    workdir, card = run_dag(tmp_path, url, {"name": "cifar10-synthetic", "format": "cifar_binary", "archive": archive},
-                            {"model": {"architecture": "resnet18", "small_images": True}})
+    workdir, card = run_experiment(tmp_path, url, "cifar10", archive_of("cifar10", routes, tmp_path, members))
     assert card["image_shape"] == [3, 32, 32] and card["num_classes"] == 10 and card["format"] == "cifar_binary"
     assert card["class_names"][:2] == ["class0", "class1"]
     log = (workdir / "results" / "logs" / "pretrain" / "simclr.log").read_text()
@@ -68,27 +80,24 @@ def test_cifar10_binary_with_colour_and_a_resnet18_small_stem(tmp_path, http_ser
     assert routes.count("/data/cifar-10-binary.tar.gz") == 1
 
 
-def test_cifar100_binary_with_coarse_labels(tmp_path, http_server):
+def test_cifar100_experiment_with_coarse_labels(tmp_path, http_server):
     url, routes = http_server
-    fine_train, fine_test = np.arange(48) % 6, np.arange(18) % 6
+    fine_train, fine_test = (np.arange(60) % 20) * 5, (np.arange(40) % 20) * 5  # every coarse class, few images
     members = cifar100_members((colour_images(fine_train, 32, 1), fine_train), (colour_images(fine_test, 32, 2), fine_test),
-                               lambda fine: fine // 2, [f"fine{i}" for i in range(6)], ["c0", "c1", "c2"])
-    archive = serve_archive(routes, tmp_path, "cifar-100-binary.tar.gz", members)
-    _, card = run_dag(tmp_path, url, {"name": "cifar100-synthetic", "format": "cifar_binary", "archive": archive,
-                                      "cifar_binary": {"labels": "coarse"}})
-    assert card["num_classes"] == 3 and card["class_names"] == ["c0", "c1", "c2"]
-    assert card["splits"]["test"]["per_class"] == [6, 6, 6]
+                               lambda fine: fine // 5, [f"fine{i}" for i in range(100)], [f"c{i}" for i in range(20)])
+    dataset = {**archive_of("cifar100", routes, tmp_path, members), "cifar_binary": {"labels": "coarse"}}
+    _, card = run_experiment(tmp_path, url, "cifar100", dataset)
+    assert card["num_classes"] == 20 and card["class_names"] == [f"c{i}" for i in range(20)]
+    assert card["splits"]["test"]["per_class"] == [2] * 20
 
 
-def test_stl10_binary_pretrains_on_its_unlabeled_split_too(tmp_path, http_server):
+def test_stl10_experiment_pretrains_on_its_unlabeled_split_too(tmp_path, http_server):
     url, routes = http_server
     train_labels, test_labels = np.arange(40) % 10, np.arange(20) % 10
     unlabeled = colour_images(np.arange(50) % 10, 96, 3)
     members = stl10_members((colour_images(train_labels, 96, 1), train_labels),
                             (colour_images(test_labels, 96, 2), test_labels), unlabeled)
-    archive = serve_archive(routes, tmp_path, "stl10_binary.tar.gz", members, checksum="md5")
-    workdir, card = run_dag(tmp_path, url, {"name": "stl10-synthetic", "format": "stl10_binary", "archive": archive,
-                                            "unlabeled": {"format": "stl10_binary"}})
+    workdir, card = run_experiment(tmp_path, url, "stl10", archive_of("stl10", routes, tmp_path, members))
     assert card["image_shape"] == [3, 96, 96] and card["unlabeled"]["count"] == 50
     assert card["splits"]["train"]["count"] == 30
     log = (workdir / "results" / "logs" / "pretrain" / "simclr.log").read_text()
@@ -97,6 +106,21 @@ def test_stl10_binary_pretrains_on_its_unlabeled_split_too(tmp_path, http_server
     knn = json.loads((workdir / "results" / "evaluate" / "knn" / "simclr.json").read_text())
     assert knn["memory_bank_size"] == 30  # the labeled train split only, never the unlabeled images
     assert routes.count("/data/stl10_binary.tar.gz") == 1  # one archive serves both
+
+
+def test_mnist_experiment_checks_the_gz_files_by_md5(tmp_path, http_server):
+    url, routes = http_server
+    files = {}
+    for role, spec in experiment("mnist")["dataset"]["files"].items():
+        labels = np.arange(100 if role.startswith("train") else 40) % 10
+        array = labels.astype(np.uint8) if role.endswith("labels") else synthetic_images(labels, 12, seed=len(role))
+        compressed = gzip.compress(encode_idx(array), mtime=0)
+        routes.table[f"/data/{spec['name']}.gz"] = ("ok", compressed)
+        files[role] = {"name": spec["name"], "md5": hashlib.md5(compressed).hexdigest()}
+    workdir, card = run_experiment(tmp_path, url, "mnist", {"files": files})
+    assert card["num_classes"] == 10 and card["class_names"][3] == "3"
+    log = (workdir / "results" / "logs" / "download.log").read_text()
+    assert f"(md5 {files['train_images']['md5']})" in log
 
 
 def fashion_mnist_split(images_file, labels_file):

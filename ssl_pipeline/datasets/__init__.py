@@ -16,6 +16,11 @@ def format_module(name: str):
     return FORMATS[name]
 
 
+def format_options(dataset: dict) -> dict:
+    """The options section of config dataset that its format reads ({} for formats without one)."""
+    return dataset.get(dataset["format"]) or {} if dataset["format"] in ("image_folder", "cifar_binary") else {}
+
+
 def read_dataset(format_name: str, paths: dict, options: dict) -> RawDataset:
     return format_module(format_name).read(paths, options)
 
@@ -28,4 +33,4 @@ def read_unlabeled(format_name: str, paths: dict, options: dict):
     return module.read_unlabeled(paths, options)
 
 
-__all__ = ["DatasetFormatError", "FORMATS", "RawDataset", "read_dataset", "read_unlabeled"]
+__all__ = ["DatasetFormatError", "FORMATS", "RawDataset", "format_options", "read_dataset", "read_unlabeled"]
