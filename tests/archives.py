@@ -92,3 +92,36 @@ def write_zip(path, members: dict) -> None:
     with zipfile.ZipFile(path, "w") as bundle:
         for name, data in members.items():
             bundle.writestr(name, data)
+
+
+def main(argv=None) -> None:
+    """Build the archives the README's figures were measured on:
+    python -m tests.archives fashion-mnist-png OUT.tar.gz   (the real Fashion-MNIST as 70,000 PNGs)
+    python -m tests.archives synthetic-cifar10 OUT.tar.gz   (2,000 + 200 random 32x32 RGB images)"""
+    import argparse
+    import gzip
+    from pathlib import Path
+
+    from ssl_pipeline.datasets.idx import parse_idx
+
+    parser = argparse.ArgumentParser(prog="python -m tests.archives", description=main.__doc__)
+    parser.add_argument("kind", choices=["fashion-mnist-png", "synthetic-cifar10"])
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    if args.kind == "fashion-mnist-png":
+        root = Path("/usr/share/datasets/fashion-mnist")
+
+        def split(prefix):
+            return (parse_idx(gzip.decompress((root / f"{prefix}-images-idx3-ubyte.gz").read_bytes()))[:, None],
+                    parse_idx(gzip.decompress((root / f"{prefix}-labels-idx1-ubyte.gz").read_bytes())))
+
+        members = image_folder_members({"train": split("train"), "test": split("t10k")}, [str(i) for i in range(10)])
+    else:
+        rng = np.random.default_rng(0)
+        members = cifar10_members((rng.integers(0, 256, (2000, 3, 32, 32), dtype=np.uint8), np.arange(2000) % 10),
+                                  (rng.integers(0, 256, (200, 3, 32, 32), dtype=np.uint8), np.arange(200) % 10))
+    write_tar(args.out, members)
+
+
+if __name__ == "__main__":
+    main()
