@@ -96,8 +96,8 @@ def shard(images: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 def data_parallel(module: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
     """`module` with its gradients averaged over the ranks after every backward pass."""
-    if ranks.world_size == 1:
-        return module
+    if ranks.world_size == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module  # nothing to average (e.g. SimCLR without a projection head)
     if device.type == "cuda":
         # BatchNorm over the global batch, as SimCLR does across devices (in place: the layers keep
         # their state_dict keys, so the checkpoint loads into a plain encoder). gloo has no SyncBatchNorm.

@@ -164,3 +164,19 @@ def test_embedding_std_tells_collapse_from_spread():
     assert embedding_std(spread).item() == pytest.approx(1 / 8, rel=0.1)
     assert not is_collapsed(embedding_std(spread).item(), 64)
     assert is_collapsed(embedding_std(collapsed).item(), 64)
+
+
+@pytest.mark.parametrize("projection, tensors", [("mlp", 6), ("linear", 2), ("none", 0)])
+def test_simclr_projection_head_is_an_mlp_a_linear_layer_or_none(projection, tensors):
+    """SimCLR §4.2: the loss sees an MLP head's output (linear, BN, ReLU, linear: 6 parameter tensors),
+    a linear head's (weight and bias), or the encoder's features themselves."""
+    torch.manual_seed(0)
+    encoder = build_encoder(MODEL, 1)
+    objective = build_objective("simclr", encoder, {**SETTINGS["simclr"], "projection": projection})
+    assert len(list(objective.parameters())) == tensors
+    features = torch.randn(16, encoder.feature_dim)
+    loss, embeddings = objective(features)
+    width = encoder.feature_dim if projection == "none" else SETTINGS["simclr"]["projection_dim"]
+    assert embeddings.shape == (16, width) and torch.isfinite(loss)
+    if projection == "none":
+        assert torch.equal(embeddings, features)

@@ -1,8 +1,13 @@
 """SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020. NT-Xent loss (§2.1, eq. 1) on a 2-layer MLP projection head (§2.1, §4.2);
-under data parallelism the negatives come from every device (§2.2: the global batch)."""
+under data parallelism the negatives come from every device (§2.2: the global batch).
+
+config pretrain.simclr.projection chooses the head of §4.2 (Figure 8): mlp (the paper's, and the
+default), linear (one linear layer), or none (the loss on the encoder's features themselves). The
+paper finds mlp > linear > none in linear evaluation of the features before the head."""
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ssl_pipeline.objectives.common import Objective, gather_from_all_ranks, mlp
 
@@ -20,10 +25,17 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(similarity, positives)
 
 
+PROJECTIONS = {
+    "mlp": lambda features, settings: mlp(features, settings["projection_hidden_dim"], settings["projection_dim"]),
+    "linear": lambda features, settings: nn.Linear(features, settings["projection_dim"]),
+    "none": lambda features, settings: nn.Identity(),
+}
+
+
 class SimCLR(Objective):
     def __init__(self, encoder, settings: dict):
         super().__init__()
-        self.projector = mlp(encoder.feature_dim, settings["projection_hidden_dim"], settings["projection_dim"])
+        self.projector = PROJECTIONS[settings.get("projection", "mlp")](encoder.feature_dim, settings)
         self.temperature = settings["temperature"]
 
     def forward(self, features, views=None, generator=None):  # (2B, F) -> (loss, embeddings)
