@@ -1,7 +1,5 @@
 """Dataset formats: each reader on a small archive in the published layout, the same arrays whatever the
 format, and bad input rejected with the archive and member named and nothing written."""
-import io
-import os
 import tarfile
 
 import numpy as np
