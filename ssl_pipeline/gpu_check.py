@@ -33,7 +33,8 @@ PERFORMANCE = Path("results/performance")
 STEP_LOGS = PERFORMANCE / "gpu-check"
 DAG_COPIES = Path("results/gpu-check")
 STEPS = ("speed", "time_to_accuracy", "smoke_dag", "default_dag", "tests")
-CUDA_OVERRIDE = "compute: {device: cuda, require_gpu: true}\n"
+# CUDA, and only the Debian package's local mirror: the GPU machine has no internet.
+CUDA_OVERRIDE = "compute: {device: cuda, require_gpu: true}\ndataset: {mirrors: [/usr/share/datasets/fashion-mnist]}\n"
 
 
 class NoCuda(RuntimeError):
@@ -74,17 +75,17 @@ def step_commands(python: str) -> dict:
     workers = sorted({max(1, cpus // 2), cpus})  # the tuned reference: loader workers on half or all CPUs
     benchmark = [python, "-m", "ssl_pipeline.benchmark"]
     speed_json, accuracy_json = PERFORMANCE / "speed-cuda.json", PERFORMANCE / "time_to_accuracy-cuda.json"
-    snakemake = [python, "-m", "snakemake", "--cores", str(cpus), "--resources", "gpu=1", "--configfile",
-                 "gpu.yaml"]
+    snakemake = [python, "-m", "snakemake", "--cores", str(cpus), "--resources", "gpu=1"]
     return {
         "speed": ([*benchmark, "speed", "--device", "cuda", "--repetition-seconds", "2", "--workers",
                    *map(str, workers), "--out", str(speed_json)], REPO, speed_json),
         "time_to_accuracy": ([*benchmark, "time-to-accuracy", "--device", "cuda", "--targets", "0.92",
                               "--epochs", "12", "--time-limit", "120", "--out", str(accuracy_json)], REPO,
                              accuracy_json),
-        "smoke_dag": ([*snakemake[:-2], "--configfile", "config/experiments/smoke.yaml", *snakemake[-2:]],
+        # One --configfile with every file: a second flag would replace the first.
+        "smoke_dag": ([*snakemake, "--configfile", "config/experiments/smoke.yaml", "gpu.yaml"],
                       DAG_COPIES / "smoke", None),
-        "default_dag": (snakemake, DAG_COPIES / "default", None),
+        "default_dag": ([*snakemake, "--configfile", "gpu.yaml"], DAG_COPIES / "default", None),
         "tests": ([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml",
                    str(REPO / STEP_LOGS / "tests.xml")], REPO, None),
     }

@@ -92,7 +92,6 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     log.info("encoder %s", describe_encoder(card))
     objective_name = settings["objective"]
     objective = build_objective(objective_name, encoder, settings[objective_name]).to(device)
-    runtime.compile_modules(encoder, objective)  # where config compute.compile asks for it
     optimizer = adamw(list(encoder.parameters()) + list(objective.parameters()), settings)
     generator = device_generator(device, settings["seed"] + ranks.rank)  # own order and augmentations
     # Per rank; the loss sees all ranks' images.
@@ -102,6 +101,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     scheduler = warmup_cosine(optimizer, settings["warmup_epochs"] * steps_per_epoch, total_steps)
     parallel_encoder = distributed.data_parallel(encoder, ranks, device)
     parallel_objective = distributed.data_parallel(objective, ranks, device)
+    # Where config compute.compile asks for it; after the data-parallel wrap, as PyTorch advises.
+    runtime.compile_modules(parallel_encoder, parallel_objective)
 
     # ---- resume state -----------------------------------------------------------------------------
     identity = job_identity("pretrain", {"pretrain": settings, "model": model_settings, "compute": compute},

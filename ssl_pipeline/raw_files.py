@@ -28,9 +28,10 @@ def unlabeled_files(dataset: dict):
         return {"archive": unlabeled["archive"]}
     if unlabeled.get("files"):
         return dict(unlabeled["files"])
-    if unlabeled["format"] != dataset["format"] or dataset["format"] == "idx":
-        raise RawFilesError("config key dataset.unlabeled names neither an archive nor files; that reads the "
-                            "dataset's own archive, which needs the same archive format (e.g. stl10_binary)")
+    if unlabeled["format"] != "stl10_binary" or dataset["format"] != "stl10_binary":
+        # Any other format would read the labeled images themselves, test split included, as unlabeled.
+        raise RawFilesError("config key dataset.unlabeled names neither an archive nor files; only STL-10 "
+                            "(format stl10_binary) has an unlabeled split in the dataset's own archive")
     return {}
 
 

@@ -9,6 +9,7 @@ from ssl_pipeline.datasets import DatasetFormatError, read_dataset, read_unlabel
 from ssl_pipeline.datasets.archive import ArchiveError, Limits, read_members
 from ssl_pipeline.datasets.idx import encode_idx
 from ssl_pipeline.preprocess import preprocess
+from ssl_pipeline.raw_files import RawFilesError, raw_paths
 from tests.archives import (cifar10_members, cifar100_members, image_folder_members, png_bytes, stl10_members,
                             write_tar, write_zip)
 
@@ -78,6 +79,20 @@ def test_idx_and_png_folders_of_the_same_images_preprocess_to_identical_bytes(tm
     for name in ["train_images.npy", "train_labels.npy", "val_images.npy", "test_images.npy", "test_labels.npy",
                  "unlabeled_images.npy", "normalization.json"]:
         assert (tmp_path / "idx" / name).read_bytes() == (tmp_path / "png" / name).read_bytes(), name
+
+
+def test_files_that_are_not_images_make_no_class(tmp_path):
+    members = {**good_folders(), "train/.DS_Store": b"junk", "train/labels.csv": b"a,b", "train/ant/notes.txt": b"x"}
+    write_tar(tmp_path / "extra.tar.gz", members)
+    data = read_dataset("image_folder", {"archive": tmp_path / "extra.tar.gz"}, FOLDER)
+    assert data.class_names == NAMES and len(data.train_images) == 6
+
+
+def test_an_unlabeled_source_without_files_must_be_stl10():
+    dataset = {"format": "image_folder", "archive": {"name": "a.zip", "md5": "0" * 32},
+               "unlabeled": {"format": "image_folder"}}
+    with pytest.raises(RawFilesError, match="only STL-10 .* has an unlabeled split in the dataset's own archive"):
+        raw_paths(dataset, "results/raw")
 
 
 def test_image_size_resizes_only_the_images_of_another_size(tmp_path):

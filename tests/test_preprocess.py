@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ssl_pipeline.datasets import DatasetFormatError
-from ssl_pipeline.datasets.idx import IdxFormatError, encode_idx
+from ssl_pipeline.datasets.idx import encode_idx
 from ssl_pipeline.preprocess import (labeled_subset, preprocess, stratified_validation_split,
                                      write_label_subset)
 from tests.conftest import write_synthetic_idx

@@ -60,3 +60,22 @@ def test_verdicts_of_a_value_against_a_published_number():
     assert inconclusive["verdict"] == INCONCLUSIVE and inconclusive["seeds_needed"] == 89
     reference = scipy_stats.ttest_1samp([0.93, 0.931, 0.929], 0.92, alternative="greater")
     assert statistics.at_least([0.93, 0.931, 0.929], 0.92)["p_value"] == pytest.approx(reference.pvalue)
+
+
+def test_one_seed_or_no_spread_never_makes_a_claim_supported():
+    single = statistics.greater([0.9], [0.8], paired=False)
+    assert single["verdict"] == INCONCLUSIVE and "too few seeds" in single["test"]
+    assert statistics.at_least([0.95], 0.9)["verdict"] == INCONCLUSIVE
+    same = statistics.greater([0.8, 0.8, 0.8], [0.8, 0.8, 0.8], paired=False)
+    assert same["verdict"] == INCONCLUSIVE and same["t"] == 0
+
+
+def test_seeds_needed_for_a_trend_are_per_variant():
+    groups = [[0.70, 0.80], [0.76, 0.72], [0.78, 0.75]]
+    result = statistics.increasing(groups)
+    slope = scipy_stats.linregress([0, 0, 1, 1, 2, 2], sum(groups, []))
+    residual_sd = math.sqrt(np.sum((np.array(sum(groups, [])) - (slope.intercept + slope.slope * np.array(
+        [0, 0, 1, 1, 2, 2]))) ** 2) / 4)
+    z = scipy_stats.norm.ppf(0.95) + scipy_stats.norm.ppf(0.8)
+    total = math.ceil((z * residual_sd / (slope.slope * np.std([0, 1, 2]))) ** 2)
+    assert result["verdict"] == INCONCLUSIVE and result["seeds_needed"] == math.ceil(total / 3)

@@ -137,17 +137,21 @@ def test_pretraining_is_deterministic_on_the_cpu(data_dir, tmp_path):
 
 
 def test_compiled_pretraining_agrees_with_eager_within_rounding(data_dir, tmp_path, caplog):
-    """compute.compile: true fuses kernels, which reorders float sums: the weights agree with eager
-    training within 1e-4 (the tolerance README "Compiled steps" states), not bit for bit."""
-    weights = {}
+    """compute.compile: true fuses kernels, which reorders float sums: each epoch's loss and embedding
+    spread agree with eager training within 0.1 % (the tolerance README "Compiled steps" states), not
+    bit for bit. Single weights are not compared: Adam's first steps move a weight by about the learning
+    rate whatever the size of its gradient, so a rounding-level gradient near 0 may move it either way."""
+    curves, weights = {}, {}
     caplog.set_level(logging.INFO)
     for compile in (False, True):
         pretrain(data_dir / "train_images.npy", data_dir / "normalization.json", tmp_path / f"{compile}.pt",
                  tmp_path / f"{compile}.csv", {**PRETRAIN, "epochs": 2}, MODEL, {**CPU, "compile": compile})
+        curves[compile] = read_curve(tmp_path / f"{compile}.csv")
         weights[compile] = load_checkpoint(tmp_path / f"{compile}.pt")["encoder"]
     assert weights[True].keys() == weights[False].keys()  # compiled in place: the same checkpoint keys
-    for key in weights[False]:
-        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=0, atol=1e-4)
+    for eager, compiled in zip(curves[False], curves[True]):
+        for column in ("loss", "embedding_std"):
+            assert float(compiled[column]) == pytest.approx(float(eager[column]), rel=1e-3)
     compiled_runs = [record for record in caplog.records if "torch.compile" in record.getMessage()]
     assert len(compiled_runs) == 1  # the runtime logged one compiled run and one eager
 

@@ -3,6 +3,7 @@ import importlib.metadata
 import os
 import platform
 import resource
+import shutil
 import time
 from datetime import datetime, timezone
 
@@ -64,6 +65,12 @@ def measured_steps(config: dict, stages) -> list:
     return steps
 
 
+def has_cxx_compiler(compute: dict) -> bool:
+    """torch.compile on the CPU builds C++ kernels; on CUDA it needs none of its own."""
+    device = str(compute.get("device", "auto"))
+    return device.startswith("cuda") or any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
 def machine_roof(compute: dict, plan: Plan, log=print) -> dict:
     """The convolution and matmul roof on the measurements' device, threads and precision."""
     runtime = setup_runtime({**compute, "compile": False}, SEED)
@@ -81,6 +88,9 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
     reference with each worker count; each with its FLOPs and its fraction of the roof measured first."""
     load = MachineLoad()
     roof = machine_roof(compute, plan, log)
+    if compiled and not has_cxx_compiler(compute):
+        log("no C++ compiler on PATH: leaving out the compiled rows (torch.compile on the CPU needs one)")
+        compiled = False
     results = {}
     eager, compile_on = {**compute, "compile": False}, {**compute, "compile": True}
     for name, stage, step_config in measured_steps(config, stages):

@@ -47,9 +47,25 @@ def verdict(p_greater: float, p_less: float, alpha: float) -> str:
     return INCONCLUSIVE
 
 
+def t_statistic(difference: float, standard_error: float) -> float:
+    """difference / standard_error; with no spread at all, +-inf for a real difference and 0 for none."""
+    if standard_error > 0:
+        return difference / standard_error
+    return math.copysign(math.inf, difference) if difference else 0.0
+
+
+def too_few(test: str, difference: float) -> dict:
+    """A comparison with fewer than 2 values on a side: no variance, so no test."""
+    return {"test": f"{test}: too few seeds (needs 2 per variant)", "difference": difference, "ci_low": math.nan,
+            "ci_high": math.nan, "t": math.nan, "df": math.nan, "p_value": math.nan, "p_opposite": math.nan,
+            "verdict": INCONCLUSIVE, "seeds_needed": math.nan}
+
+
 def greater(a, b, paired: bool, alpha: float = 0.05, confidence: float = 0.95) -> dict:
     """Is mean(a) > mean(b)? a, b: per-seed values (paired: in the same seed order)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(a), len(b)) < 2:
+        return too_few("paired t-test" if paired else "Welch's t-test", float(a.mean() - b.mean()))
     if paired:
         if len(a) != len(b):
             raise ValueError(f"a paired test needs one value per seed on both sides, got {len(a)} and {len(b)}")
@@ -65,7 +81,7 @@ def greater(a, b, paired: bool, alpha: float = 0.05, confidence: float = 0.95) -
         sd, groups = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2), 2
         test = "Welch's t-test"
     difference = float(a.mean() - b.mean())
-    t = difference / standard_error if standard_error > 0 else math.copysign(math.inf, difference or 1.0)
+    t = t_statistic(difference, standard_error)
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * standard_error
     result = {"test": test, "difference": difference, "ci_low": difference - half, "ci_high": difference + half,
               "t": t, "df": df, "p_value": float(stats.t.sf(t, df)), "p_opposite": float(stats.t.cdf(t, df))}
@@ -80,7 +96,7 @@ def increasing(groups: list, alpha: float = 0.05, confidence: float = 0.95) -> d
     values = np.concatenate([np.asarray(values, dtype=float) for values in groups])
     fit = stats.linregress(ranks, values)
     df = len(values) - 2
-    t = fit.slope / fit.stderr if fit.stderr > 0 else math.copysign(math.inf, fit.slope or 1.0)
+    t = t_statistic(fit.slope, fit.stderr)
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * fit.stderr
     result = {"test": "t-test of the least-squares slope on the variant rank", "difference": float(fit.slope),
               "ci_low": float(fit.slope - half), "ci_high": float(fit.slope + half), "t": float(t), "df": df,
@@ -88,8 +104,10 @@ def increasing(groups: list, alpha: float = 0.05, confidence: float = 0.95) -> d
     result["verdict"] = verdict(result["p_value"], result["p_opposite"], alpha)
     residual_sd = math.sqrt(max(0.0, np.sum((values - (fit.intercept + fit.slope * ranks)) ** 2) / max(1, df)))
     spread = np.std(np.arange(len(groups)), ddof=0) or 1.0
-    result["seeds_needed"] = (seeds_needed(fit.slope * spread, residual_sd, alpha) if result["verdict"] == INCONCLUSIVE
-                              else None)
+    # var(slope) = sd^2 / (N sd_rank^2): the formula gives the total N, spread over the variants.
+    total = seeds_needed(fit.slope * spread, residual_sd, alpha)
+    result["seeds_needed"] = (math.ceil(total / len(groups)) if math.isfinite(total) else total) \
+        if result["verdict"] == INCONCLUSIVE else None
     return result
 
 
@@ -97,15 +115,16 @@ def at_least(values, threshold: float, alpha: float = 0.05, confidence: float = 
     """Is the mean at least `threshold` (a published number minus its tolerance)?"""
     summary = describe(values, confidence)
     n = summary["n"]
-    standard_error = summary["std"] / math.sqrt(n) if n > 1 else math.nan
     difference = summary["mean"] - threshold
-    t = difference / standard_error if standard_error and standard_error > 0 else math.copysign(math.inf, difference or 1.0)
+    if n < 2:
+        return too_few("one-sample t-test against the threshold", difference)
+    standard_error = summary["std"] / math.sqrt(n)
+    t = t_statistic(difference, standard_error)
     df = max(1, n - 1)
     result = {"test": "one-sample t-test against the threshold", "difference": difference,
               "ci_low": summary["ci_low"] - threshold, "ci_high": summary["ci_high"] - threshold, "t": t, "df": df,
-              "p_value": float(stats.t.sf(t, df)) if n > 1 else math.nan,
-              "p_opposite": float(stats.t.cdf(t, df)) if n > 1 else math.nan}
-    result["verdict"] = verdict(result["p_value"], result["p_opposite"], alpha) if n > 1 else INCONCLUSIVE
+              "p_value": float(stats.t.sf(t, df)), "p_opposite": float(stats.t.cdf(t, df))}
+    result["verdict"] = verdict(result["p_value"], result["p_opposite"], alpha)
     result["seeds_needed"] = (seeds_needed(difference, summary["std"], alpha) if result["verdict"] == INCONCLUSIVE
                               else None)
     return result

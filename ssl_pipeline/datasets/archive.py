@@ -6,8 +6,10 @@ the sizes are bounded (per member, in total, and in count), so a hostile or brok
 write outside the target, point at other files, or fill the memory. The size check counts the bytes
 actually read, not only what the header declares.
 """
+import lzma
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -102,5 +104,7 @@ def read_members(archive, wanted=lambda name: True, limits: Limits = Limits(), d
             yield from zip_members(archive, budget, wanted, directories)
         else:
             yield from tar_members(archive, budget, wanted, directories)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
-        raise ArchiveError(f"{archive}: not a readable .tar, .tar.gz or .zip archive ({error})") from error
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError,
+            NotImplementedError, RuntimeError) as error:  # corrupt data, unsupported or encrypted zip members
+        raise ArchiveError(f"{archive}: not a readable .tar, .tar.gz or .zip archive ({type(error).__name__}: "
+                           f"{error})") from error

@@ -47,9 +47,11 @@ def collect(archive, roots: dict) -> dict:
         root, parts = place(name)
         if root is None:
             continue
-        classes = found[root].setdefault(parts[0], []) if len(parts) >= 1 else None
-        if data is not None and len(parts) >= 2 and name.lower().endswith(EXTENSIONS):
-            classes.append(("/".join(parts[1:]), name, data))
+        if data is None and len(parts) == 1:  # a class folder, perhaps empty
+            found[root].setdefault(parts[0], [])
+        elif data is not None and len(parts) >= 2 and name.lower().endswith(EXTENSIONS):
+            found[root].setdefault(parts[0], []).append(("/".join(parts[1:]), name, data))
+        # Other files (a README, .DS_Store, a CSV) beside or inside the class folders are not images.
     return found
 
 
@@ -69,7 +71,7 @@ def decode(archive, name: str, data: bytes, options: dict) -> np.ndarray:
             if target and (image.height, image.width) != tuple(target):
                 image = resize_and_crop(image, target)
             pixels = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise DatasetFormatError(f"{archive}: member {name!r} does not decode as an image ({error})") from error
     return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
