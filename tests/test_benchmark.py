@@ -164,8 +164,12 @@ def test_gpu_check_stops_at_once_without_cuda_and_says_why(tmp_path):
     assert "torch.cuda.is_available() is False" in message and "CUDA_VISIBLE_DEVICES=''" in message
     assert "Traceback" not in message
     assert (summary.stat().st_mtime if summary.exists() else None) == before
-    dry_run = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True, check=True)
-    assert dry_run.stdout.strip().splitlines()[-1].endswith("-m ssl_pipeline.gpu_check")
+    # Under `make test` the environment carries MAKELEVEL/MAKEFLAGS, and a nested make would print
+    # "Entering directory" lines; this asks a top-level make what it would run.
+    environment = {key: value for key, value in os.environ.items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    dry_run = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=REPO, capture_output=True,
+                             text=True, check=True, env=environment)
+    assert any(line.endswith("-m ssl_pipeline.gpu_check") for line in dry_run.stdout.splitlines()), dry_run.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
