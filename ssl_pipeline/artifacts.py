@@ -39,3 +39,14 @@ def read_json(path):
 def write_text(path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

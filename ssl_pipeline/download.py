@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssl_pipeline.artifacts import atomic_path
+from ssl_pipeline.artifacts import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
@@ -103,14 +103,6 @@ def decompress_and_hash(raw: Path, destination: Path) -> str:
                 out.write(chunk)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # the data; a failing disk is no retry case
         raise TransientError(f"corrupt or truncated gzip data: {error}") from error
-    return digest.hexdigest()
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

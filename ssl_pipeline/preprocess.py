@@ -13,13 +13,12 @@ file.
 Labeled subsets (`write_label_subset`) are separate jobs, one per seed and fraction, so that adding a
 seed or a fraction to the config leaves the data files, and every model trained on them, untouched.
 """
-import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from ssl_pipeline.artifacts import atomic_path, read_json, write_json
+from ssl_pipeline.artifacts import atomic_path, file_digest as sha256_of, read_json, write_json
 from ssl_pipeline.datasets import DatasetFormatError, RawDataset, read_dataset, read_unlabeled
 
 log = logging.getLogger(__name__)
@@ -29,14 +28,6 @@ SPLITS = ("train", "val", "test")
 def save_array(path, array: np.ndarray) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.save(handle, array)
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -134,6 +134,11 @@ def select_precision(requested: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
+def has_cxx_compiler() -> bool:
+    """torch.compile on the CPU builds C++ kernels with one of these."""
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
 def select_compile(requested, device: torch.device) -> bool:
     """compute.compile: true, false or auto. auto compiles on CUDA only: on the CPUs we measured, the
     compiled step was not faster than eager (README, "Compiled steps")."""
@@ -141,7 +146,7 @@ def select_compile(requested, device: torch.device) -> bool:
     if requested not in ("auto", "true", "false"):
         raise ValueError(f"config key compute.compile must be auto, true or false, not {requested!r}")
     wanted = device.type == "cuda" if requested == "auto" else requested == "true"
-    if wanted and device.type == "cpu" and not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+    if wanted and device.type == "cpu" and not has_cxx_compiler():
         raise RuntimeError("config key compute.compile asks for torch.compile on the CPU, which needs a C++ "
                            "compiler (c++, g++ or clang++), and none is on PATH; install one or set "
                            "compute.compile: false")

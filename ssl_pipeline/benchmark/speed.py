@@ -3,7 +3,6 @@ import importlib.metadata
 import os
 import platform
 import resource
-import shutil
 import time
 from datetime import datetime, timezone
 
@@ -13,7 +12,7 @@ import torch
 from ssl_pipeline.benchmark.data import SEED, STAGES, Plan
 from ssl_pipeline.benchmark.measure import measure_in_child
 from ssl_pipeline.roofline import describe_flops, efficiency, measure_roof
-from ssl_pipeline.runtime import available_cpus, setup_runtime
+from ssl_pipeline.runtime import available_cpus, has_cxx_compiler, setup_runtime
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,12 +64,6 @@ def measured_steps(config: dict, stages) -> list:
     return steps
 
 
-def has_cxx_compiler(compute: dict) -> bool:
-    """torch.compile on the CPU builds C++ kernels; on CUDA it needs none of its own."""
-    device = str(compute.get("device", "auto"))
-    return device.startswith("cuda") or any(shutil.which(name) for name in ("c++", "g++", "clang++"))
-
-
 def machine_roof(compute: dict, plan: Plan, log=print) -> dict:
     """The convolution and matmul roof on the measurements' device, threads and precision."""
     runtime = setup_runtime({**compute, "compile": False}, SEED)
@@ -88,7 +81,7 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
     reference with each worker count; each with its FLOPs and its fraction of the roof measured first."""
     load = MachineLoad()
     roof = machine_roof(compute, plan, log)
-    if compiled and not has_cxx_compiler(compute):
+    if compiled and not str(compute.get("device", "auto")).startswith("cuda") and not has_cxx_compiler():
         log("no C++ compiler on PATH: leaving out the compiled rows (torch.compile on the CPU needs one)")
         compiled = False
     results = {}

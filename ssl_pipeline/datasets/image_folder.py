@@ -86,6 +86,11 @@ def resize_and_crop(image, target):
     return image.crop((left, top, left + width, top + height))
 
 
+def decode_threads() -> int:
+    """Pillow releases the GIL while it decodes; more than 8 threads gains nothing on small images."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def stack(archive, items: list, options: dict, threads: int) -> np.ndarray:
     """Decode (member name, bytes) pairs in parallel into one (N, C, H, W) array of one size."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -126,7 +131,7 @@ def check_classes(archive, found: dict, train_root: str, test_root: str) -> list
 
 
 def read(paths: dict, options: dict) -> RawDataset:
-    archive, threads = paths["archive"], max(1, min(8, os.cpu_count() or 1))
+    archive, threads = paths["archive"], decode_threads()
     train_root, test_root = options["train_root"].strip("/"), options["test_root"].strip("/")
     found = collect(archive, {"train": train_root, "test": test_root})
     class_names = check_classes(archive, found, train_root, test_root)
@@ -146,4 +151,4 @@ def read_unlabeled(paths: dict, options: dict) -> np.ndarray:
                    if name.lower().endswith(EXTENSIONS))
     if not items:
         raise DatasetFormatError(f"{archive}: no PNG or JPEG images under {root or 'its top level'!r}")
-    return stack(archive, items, options, max(1, min(8, os.cpu_count() or 1)))
+    return stack(archive, items, options, decode_threads())
