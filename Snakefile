@@ -24,6 +24,7 @@ include: "workflow/rules/report.smk"
 localrules:
     download,
     report,
+    claims,
 
 
 rule all:

@@ -112,6 +112,13 @@ def run_knn_probe(args):
     evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"], compute_of(args))
 
 
+def run_linear_probe(args):
+    from ssl_pipeline.evaluate import evaluate_linear
+
+    evaluate_linear(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"]["linear_probe"],
+                    compute_of(args))
+
+
 def run_report(args):
     from ssl_pipeline.artifacts import read_json
     from ssl_pipeline.report import build_report, read_csv
@@ -120,12 +127,23 @@ def run_report(args):
     if len(args.finetune_curves) != len(run_metrics):
         raise ValueError("--finetune-curves must list one curve per --run-metrics file, in the same order")
     curves = [(metrics, read_csv(path)) for metrics, path in zip(run_metrics, args.finetune_curves)]
-    if len(args.pretrain_curves) != len(args.knn):
-        raise ValueError("--pretrain-curves must list one curve per --knn file, in the same order")
-    probes = [read_json(path) for path in args.knn]
-    pretraining = {probe["objective"]: {"knn": probe, "curve": read_csv(path)}
-                   for probe, path in zip(probes, args.pretrain_curves)}
-    build_report(run_metrics, curves, pretraining, read_json(args.card), args.settings["report"], args.out_dir)
+    if not len(args.pretrain_curves) == len(args.knn) == len(args.linear):
+        raise ValueError("--pretrain-curves, --knn and --linear must list one file per pretraining run, in the "
+                         "same order")
+    pretraining = [{"knn": read_json(knn), "linear": read_json(linear), "curve": read_csv(curve)}
+                   for knn, linear, curve in zip(args.knn, args.linear, args.pretrain_curves)]
+    claims = read_csv(args.claims) if args.claims else None
+    build_report(run_metrics, curves, pretraining, read_json(args.card), args.settings["report"], args.out_dir,
+                 claims)
+
+
+def run_claims(args):
+    from ssl_pipeline.artifacts import read_json
+    from ssl_pipeline.claims.check import check_claims
+
+    check_claims(args.claim_files, [read_json(path) for path in args.run_metrics],
+                 [read_json(path) for path in args.knn], [read_json(path) for path in args.linear],
+                 args.settings["claims"], args.variants, args.out, args.html)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,19 +206,37 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--metrics", required=True)
     stage.set_defaults(run=run_evaluate)
 
-    stage = stages.add_parser("knn-probe", help="kNN accuracy of the encoder and of raw pixels")
-    stage.add_argument("--data-dir", required=True)
-    stage.add_argument("--encoder", required=True)
-    add_settings(stage, "evaluate, compute")
-    add_threads(stage)
-    stage.add_argument("--metrics", required=True)
-    stage.set_defaults(run=run_knn_probe)
+    for name, what, keys, run in [
+            ("knn-probe", "kNN accuracy of the encoder and of raw pixels", "evaluate.knn_*, compute", run_knn_probe),
+            ("linear-probe", "linear-evaluation accuracy of the frozen encoder", "evaluate.linear_probe, compute",
+             run_linear_probe)]:
+        stage = stages.add_parser(name, help=what)
+        stage.add_argument("--data-dir", required=True)
+        stage.add_argument("--encoder", required=True)
+        add_settings(stage, keys)
+        add_threads(stage)
+        stage.add_argument("--metrics", required=True)
+        stage.set_defaults(run=run)
+
+    stage = stages.add_parser("claims", help="check the claims of config claims.files: results/claims.csv")
+    stage.add_argument("--claim-files", nargs="+", required=True)
+    stage.add_argument("--run-metrics", nargs="+", required=True)
+    stage.add_argument("--knn", nargs="+", required=True)
+    stage.add_argument("--linear", nargs="+", required=True)
+    add_settings(stage, "claims")
+    stage.add_argument("--variants", type=json_argument, required=True,
+                       help="JSON: every sweep variant's name -> the name its jobs run under (base for rows equal to it)")
+    stage.add_argument("--out", required=True, help="claims.csv")
+    stage.add_argument("--html", required=True, help="the same table as an HTML page")
+    stage.set_defaults(run=run_claims)
 
     stage = stages.add_parser("report", help="summary.csv, report.md and plots")
     stage.add_argument("--run-metrics", nargs="+", required=True)
     stage.add_argument("--finetune-curves", nargs="+", required=True)
-    stage.add_argument("--pretrain-curves", nargs="+", required=True, help="one per objective")
-    stage.add_argument("--knn", nargs="+", required=True, help="the kNN probes, one per objective, in the same order")
+    stage.add_argument("--pretrain-curves", nargs="+", required=True, help="one per pretraining run")
+    stage.add_argument("--knn", nargs="+", required=True, help="the kNN probes, one per pretraining run, in the same order")
+    stage.add_argument("--linear", nargs="+", required=True, help="the linear probes, in the same order")
+    stage.add_argument("--claims", default=None, help="results/claims.csv, when config claims.files lists claims")
     stage.add_argument("--card", required=True)
     add_settings(stage, "report")
     stage.add_argument("--out-dir", required=True)

@@ -42,7 +42,21 @@ def semantic_errors(config: dict) -> list:
             errors.append(f"config key {section}.augment.{key}: lower bound {low} exceeds upper bound {high}")
     if config["compute"]["require_gpu"] and config["compute"]["device"] == "cpu":
         errors.append("config key compute.require_gpu: true contradicts compute.device: cpu")
-    return errors
+    return errors + sweep_errors(config)
+
+
+def sweep_errors(config: dict) -> list:
+    """Sweeps that name no pretraining setting, fine-tuned variants no sweep defines, missing claim files."""
+    from ssl_pipeline.sweeps import SweepError, sweep_variants
+
+    try:
+        variants = sweep_variants(config)
+    except SweepError as error:
+        return [str(error)]
+    errors = [f"config key finetune.variants: '{name}' is not a variant of config sweeps (variants: "
+              f"{', '.join(variants)})" for name in config["finetune"]["variants"] or [] if name not in variants]
+    return errors + [f"config key claims.files: {path} does not exist" for path in config["claims"]["files"]
+                     if not Path(path).is_file()]
 
 
 def merged(base: dict, override: dict) -> dict:

@@ -10,7 +10,7 @@ from ssl_pipeline.data import Normalizer, load_array, load_labels
 from ssl_pipeline.inference import embed, predict
 from ssl_pipeline.models import Classifier, build_encoder, prepare
 from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import load_checkpoint
+from ssl_pipeline.training import load_checkpoint, pretraining_identity
 
 log = logging.getLogger(__name__)
 KNN_QUERY_CHUNK = 1024
@@ -63,7 +63,8 @@ def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict) -> di
     predictions = predict(model, images, Normalizer.load(f"{data_dir}/normalization.json", runtime.device), runtime)
     run = checkpoint["config"]
     metrics = {
-        "init": run["init"], "objective": run["objective"], "label_fraction": run["label_fraction"],
+        "init": run["init"], "objective": run["objective"], "variant": run.get("variant"),
+        "pretrain_seed": run.get("pretrain_seed"), "label_fraction": run["label_fraction"],
         "seed": run["seed"],
         "mode": run["finetune"]["mode"], "labeled_images": checkpoint["labeled_images"],
         "best_step": checkpoint["best_step"], "best_val_accuracy": round(checkpoint["best_val_accuracy"], 5),
@@ -75,36 +76,93 @@ def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict) -> di
     return metrics
 
 
+class ProbeData:
+    """The frozen encoder of a pretraining checkpoint and the labeled train and test splits, on the device."""
+
+    def __init__(self, data_dir, encoder_path, compute: dict):
+        self.runtime = setup_runtime(compute, seed=0)
+        device = self.runtime.device
+        checkpoint = load_checkpoint(encoder_path)
+        self.identity = pretraining_identity(checkpoint)
+        encoder = build_encoder(checkpoint["config"]["model"], checkpoint["in_channels"])
+        encoder.load_state_dict(checkpoint["encoder"])
+        self.encoder = prepare(encoder, device)
+        self.normalize = Normalizer.load(f"{data_dir}/normalization.json", device)
+        self.num_classes = read_json(f"{data_dir}/card.json")["num_classes"]
+        self.train_images = load_array(f"{data_dir}/train_images.npy", device)
+        self.train_labels = load_labels(f"{data_dir}/train_labels.npy", device)
+        self.test_images = load_array(f"{data_dir}/test_images.npy", device)
+        self.test_labels = load_labels(f"{data_dir}/test_labels.npy", device)
+
+    def features(self, images) -> torch.Tensor:
+        return embed(self.encoder, images, self.normalize, self.runtime)
+
+
 def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: dict) -> dict:
     """kNN test accuracy of the pretrained encoder's features and, for reference, of raw pixels.
     The labeled training split is the memory bank. settings: config `evaluate`."""
-    runtime = setup_runtime(compute, seed=0)
-    device = runtime.device
-    checkpoint = load_checkpoint(encoder_path)
-    encoder = build_encoder(checkpoint["config"]["model"], checkpoint["in_channels"])
-    encoder.load_state_dict(checkpoint["encoder"])
-    encoder = prepare(encoder, device)
-    normalize = Normalizer.load(f"{data_dir}/normalization.json", device)
-    num_classes = read_json(f"{data_dir}/card.json")["num_classes"]
-    train_images = load_array(f"{data_dir}/train_images.npy", device)
-    train_labels = load_labels(f"{data_dir}/train_labels.npy", device)
-    test_images = load_array(f"{data_dir}/test_images.npy", device)
-    test_labels = load_labels(f"{data_dir}/test_labels.npy", device)
+    data = ProbeData(data_dir, encoder_path, compute)
     k, temperature = settings["knn_k"], settings["knn_temperature"]
 
     def knn_accuracy(train_features, test_features) -> float:
-        predictions = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
-        return round((predictions == test_labels).float().mean().item(), 5)
+        predictions = knn_predict(train_features, data.train_labels, test_features, data.num_classes, k,
+                                  temperature)
+        return round((predictions == data.test_labels).float().mean().item(), 5)
 
     metrics = {
-        "objective": checkpoint["config"]["pretrain"]["objective"],
-        "k": k, "temperature": temperature, "memory_bank_size": len(train_images),
-        "encoder_accuracy": knn_accuracy(embed(encoder, train_images, normalize, runtime),
-                                         embed(encoder, test_images, normalize, runtime)),
-        "raw_pixel_accuracy": knn_accuracy(normalize.to_unit(train_images).flatten(1),
-                                           normalize.to_unit(test_images).flatten(1)),
+        **data.identity,
+        "k": k, "temperature": temperature, "memory_bank_size": len(data.train_images),
+        "encoder_accuracy": knn_accuracy(data.features(data.train_images), data.features(data.test_images)),
+        "raw_pixel_accuracy": knn_accuracy(data.normalize.to_unit(data.train_images).flatten(1),
+                                           data.normalize.to_unit(data.test_images).flatten(1)),
     }
     write_json(metrics_path, metrics)
     log.info("kNN accuracy: encoder %.4f, raw pixels %.4f", metrics["encoder_accuracy"],
              metrics["raw_pixel_accuracy"])
+    return metrics
+
+
+def fit_linear_classifier(features, labels, num_classes, weight_decay: float, max_iterations: int):
+    """Multinomial logistic regression on fixed features, full batch with L-BFGS until its gradient or
+    loss change falls below tolerance (or max_iterations) -> (the linear layer, iterations, converged)."""
+    torch.manual_seed(0)
+    classifier = torch.nn.Linear(features.shape[1], num_classes).to(features.device)
+    # max_eval well above max_iter: only the iteration budget (or convergence) ends the fit.
+    optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1, max_iter=max_iterations,
+                                  max_eval=25 * max_iterations, history_size=20, tolerance_grad=1e-6,
+                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(features), labels) + weight_decay / 2 * classifier.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    iterations = optimizer.state[classifier.weight]["n_iter"]
+    return classifier, iterations, iterations < max_iterations
+
+
+def evaluate_linear(data_dir, encoder_path, metrics_path, settings: dict, compute: dict) -> dict:
+    """Linear evaluation (Chen et al. 2020, SimCLR §B.6; Kolesnikov et al. 2019): the encoder frozen, its
+    features of the labeled train split computed once and standardised, a multinomial logistic
+    regression with L2 penalty fitted on them to convergence, accuracy on the test split. settings:
+    config `evaluate.linear_probe`."""
+    data = ProbeData(data_dir, encoder_path, compute)
+    with torch.no_grad():
+        train, test = data.features(data.train_images).float(), data.features(data.test_images).float()
+        mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+        train, test = (train - mean) / std, (test - mean) / std
+    classifier, iterations, converged = fit_linear_classifier(
+        train, data.train_labels, data.num_classes, settings["weight_decay"], settings["max_iterations"])
+    if not converged:
+        log.warning("L-BFGS stopped at max_iterations %d before converging", iterations)
+    with torch.no_grad():
+        accuracy = (classifier(test).argmax(dim=1) == data.test_labels).float().mean().item()
+        train_accuracy = (classifier(train).argmax(dim=1) == data.train_labels).float().mean().item()
+    metrics = {**data.identity, "accuracy": round(accuracy, 5), "train_accuracy": round(train_accuracy, 5),
+               "feature_dim": train.shape[1], "weight_decay": settings["weight_decay"],
+               "iterations": iterations, "converged": converged}
+    write_json(metrics_path, metrics)
+    log.info("linear probe: test accuracy %.4f after %d L-BFGS iterations", accuracy, iterations)
     return metrics

@@ -16,23 +16,23 @@ from ssl_pipeline.models import Classifier, build_encoder, describe_encoder, enc
 from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
 from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import (Stopwatch, adamw, load_checkpoint, optimisation_step, save_checkpoint,
-                                   warmup_cosine, write_curve)
+from ssl_pipeline.training import (Stopwatch, adamw, load_checkpoint, optimisation_step, pretraining_identity,
+                                   save_checkpoint, warmup_cosine, write_curve)
 
 log = logging.getLogger(__name__)
 INITS = ("pretrained", "scratch")
 
 
-def load_pretrained_encoder(encoder, checkpoint_path, model_settings) -> str:
-    """Load the online encoder of a pretraining checkpoint into `encoder`; -> the objective it was
-    pretrained with. BYOL's and MoCo's momentum targets stay in the checkpoint: fine-tuning starts
+def load_pretrained_encoder(encoder, checkpoint_path, model_settings) -> dict:
+    """Load the online encoder of a pretraining checkpoint into `encoder`; -> the pretraining run it
+    came from (objective, variant, pretraining seed). BYOL's and MoCo's momentum targets stay in the checkpoint: fine-tuning starts
     from the online encoder, as both papers evaluate it."""
     checkpoint = load_checkpoint(checkpoint_path)
     if checkpoint["config"]["model"] != model_settings:
         raise ValueError(f"{checkpoint_path} was pretrained with model settings "
                          f"{checkpoint['config']['model']}, but config key `model` is {model_settings}")
     encoder.load_state_dict(checkpoint["encoder"])
-    return checkpoint["config"]["pretrain"]["objective"]
+    return pretraining_identity(checkpoint)
 
 
 def step_budget(num_labeled: int, settings: dict) -> int:
@@ -74,7 +74,8 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     encoder = build_encoder(model_settings, images.shape[1])
     encoder_summary = encoder_card(encoder, model_settings, images.shape[1:])
     log.info("encoder %s", describe_encoder(encoder_summary))
-    objective = load_pretrained_encoder(encoder, encoder_path, model_settings) if init == "pretrained" else None
+    pretraining = (load_pretrained_encoder(encoder, encoder_path, model_settings) if init == "pretrained"
+                   else {"objective": None, "variant": None, "pretrain_seed": None})
     linear_probe = settings["mode"] == "linear_probe"
     model = prepare(Classifier(encoder, card["num_classes"], freeze_encoder=linear_probe), device)
     runtime.compile_modules(model)  # where config compute.compile asks for it
@@ -142,7 +143,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
         "best_step": best["step"],
         "best_val_accuracy": best["val_accuracy"],
         "labeled_images": len(images),
-        "config": {"finetune": settings, "model": model_settings, "init": init, "objective": objective,
+        "config": {"finetune": settings, "model": model_settings, "init": init, **pretraining,
                    "label_fraction": label_fraction, "seed": seed},
     })
     write_curve(curve_path, curve)

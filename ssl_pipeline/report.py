@@ -1,7 +1,6 @@
 """Gather every run into results/summary.csv, a Markdown report and its plots."""
 import csv
 import logging
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,17 +10,20 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ssl_pipeline.artifacts import atomic_path, write_json, write_text  # noqa: E402
+from ssl_pipeline.claims.statistics import describe  # noqa: E402
+from ssl_pipeline.html_table import write_html_table  # noqa: E402
+from ssl_pipeline.results_table import SCRATCH, mean_std_n, method_name, runs_frame  # noqa: E402
 
 log = logging.getLogger(__name__)
-SUMMARY_COLUMNS = ["init", "objective", "label_fraction", "seed", "mode", "labeled_images", "test_accuracy",
-                   "best_val_accuracy", "best_step", "parameters"]
-SCRATCH = "scratch"
+SUMMARY_COLUMNS = ["init", "objective", "variant", "pretrain_seed", "label_fraction", "seed", "mode",
+                   "labeled_images", "test_accuracy", "best_val_accuracy", "best_step", "parameters"]
 SCRATCH_STYLE = {"color": "tab:gray", "linestyle": "--"}
+CLAIM_COLUMNS = ["statement", "source", "metric", "comparison", "groups", "difference", "p_value", "verdict"]
 
 
 def method_of(row) -> str:
-    """A run's method: the objective its encoder was pretrained with, or 'scratch'."""
-    return row["objective"] if row["init"] == "pretrained" else SCRATCH
+    """A run's method: the pretraining objective (and sweep variant) of its encoder, or 'scratch'."""
+    return method_name(row.get("objective"), row.get("variant")) if row["init"] == "pretrained" else SCRATCH
 
 
 def method_style(method: str, methods: list) -> dict:
@@ -38,9 +40,12 @@ def read_csv(path) -> list:
 
 def summary_rows(run_metrics: list) -> list:
     rows = [{**{key: metrics[key] for key in SUMMARY_COLUMNS if key in metrics},
-             "objective": metrics.get("objective") or "none", "test_accuracy": metrics["accuracy"]}
+             "objective": metrics.get("objective") or "none", "variant": metrics.get("variant") or "none",
+             "pretrain_seed": "none" if metrics.get("pretrain_seed") is None else metrics["pretrain_seed"],
+             "test_accuracy": metrics["accuracy"]}
             for metrics in run_metrics]
-    return sorted(rows, key=lambda row: (row["init"], row["objective"], row["label_fraction"], row["seed"]))
+    return sorted(rows, key=lambda row: (row["init"], row["objective"], str(row["variant"]),
+                                         str(row["pretrain_seed"]), row["label_fraction"], row["seed"]))
 
 
 def write_summary(path, rows) -> None:
@@ -50,18 +55,40 @@ def write_summary(path, rows) -> None:
         writer.writerows(rows)
 
 
-def aggregate(rows) -> dict:
-    """(method, label_fraction) -> {mean, std, n, labeled_images}; std is the sample std over seeds."""
-    groups = defaultdict(list)
-    for row in rows:
-        groups[(method_of(row), row["label_fraction"])].append(row)
+def aggregate(run_metrics) -> dict:
+    """(method, label_fraction) -> {mean, std, n, ci_low, ci_high, labeled_images}, over every seed of the
+    method (pretraining and fine-tuning seeds alike); std is the sample std, the CI t-based at 95 %."""
+    runs = runs_frame(run_metrics)
+    table = mean_std_n(runs, ["method", "label_fraction"], "test_accuracy")
+    images = runs.groupby(["method", "label_fraction"], sort=False)["labeled_images"].first()
     result = {}
-    for key, members in groups.items():
-        accuracies = [m["test_accuracy"] for m in members]
-        result[key] = {"mean": statistics.mean(accuracies), "n": len(accuracies),
-                       "std": statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan"),
-                       "labeled_images": members[0]["labeled_images"]}
+    for row in table.itertuples(index=False):
+        values = runs.loc[(runs["method"] == row.method) & (runs["label_fraction"] == row.label_fraction),
+                          "test_accuracy"]
+        interval = describe(values.to_numpy())
+        result[(row.method, row.label_fraction)] = {
+            "mean": float(row.mean), "std": float(row.std), "n": int(row.n), "ci_low": interval["ci_low"],
+            "ci_high": interval["ci_high"], "labeled_images": int(images[(row.method, row.label_fraction)])}
     return result
+
+
+LABEL_EFFICIENCY_COLUMNS = ["method", "label_fraction", "labeled_images", "runs", "mean_test_accuracy", "std",
+                            "ci95_low", "ci95_high"]
+
+
+def write_label_efficiency(csv_path, html_path, stats) -> None:
+    """The label-efficiency table as CSV and as an HTML page (for Snakemake's HTML report): one row per
+    (method, label fraction)."""
+    rows = [[method, fraction, cell["labeled_images"], cell["n"], f"{cell['mean']:.5f}",
+             *(f"{cell[key]:.5f}" if cell["n"] > 1 else "" for key in ("std", "ci_low", "ci_high"))]
+            for (method, fraction), cell in sorted(stats.items())]
+    with atomic_path(csv_path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LABEL_EFFICIENCY_COLUMNS)
+        writer.writerows(rows)
+    write_html_table(html_path, "Label efficiency", LABEL_EFFICIENCY_COLUMNS, rows,
+                     "Test accuracy per method and share of labels: mean, sample std and t-based 95 % CI over "
+                     "every run (pretraining and fine-tuning seeds).")
 
 
 def headline_metrics(stats) -> dict:
@@ -103,11 +130,11 @@ def plot_label_efficiency(path, stats, fractions, methods) -> None:
 
 def plot_training_curves(path, pretraining, finetune_curves, methods) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for objective, run in pretraining.items():
+    for name, run in pretraining.items():
         # The objectives' losses have different scales: each relative to its first epoch.
         losses = [float(r["loss"]) for r in run["curve"]]
         left.plot([int(r["epoch"]) for r in run["curve"]], [loss / losses[0] for loss in losses], marker="o",
-                  label=objective, **method_style(objective, methods))
+                  label=name, **method_style(run["method"], methods))
     left.set_xlabel("pretraining epoch")
     left.set_ylabel("loss relative to epoch 1")
     left.set_title("pretraining")
@@ -116,7 +143,7 @@ def plot_training_curves(path, pretraining, finetune_curves, methods) -> None:
     colours = plt.colormaps["viridis"].resampled(max(2, len(fractions)))
     labelled = set()
     for run, curve in finetune_curves:
-        method = method_of({**run, "objective": run.get("objective")})
+        method = method_of(run)
         key = (method, run["label_fraction"])
         right.plot([int(r["step"]) for r in curve], [float(r["val_accuracy"]) for r in curve],
                    color=colours(fractions.index(run["label_fraction"])),
@@ -177,21 +204,53 @@ def label_efficiency_table(stats, fractions, methods) -> list:
     return lines
 
 
+def pretraining_runs(pretraining: list) -> dict:
+    """name -> pretraining run (with its method): the method, and the pretraining seed when there are several."""
+    several_seeds = len({run["knn"].get("pretrain_seed", 0) for run in pretraining}) > 1
+    named = {}
+    for run in pretraining:
+        method = method_name(run["knn"]["objective"], run["knn"].get("variant"))
+        name = f"{method}, seed {run['knn'].get('pretrain_seed', 0)}" if several_seeds else method
+        named[name] = {**run, "method": method}
+    return named
+
+
 def pretraining_table(pretraining: dict) -> list:
-    """Per objective: the encoder's kNN accuracy, its final loss and embedding spread, whether it
-    collapsed, and what pretraining cost; raw pixels as the floor."""
-    lines = ["| features | epochs | final loss | embedding std | kNN test accuracy | pretraining time | views/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for objective, run in pretraining.items():
+    """Per pretraining run: the encoder's kNN and linear-probe accuracy, its final loss and embedding
+    spread, whether it collapsed, and what pretraining cost; raw pixels as the floor."""
+    lines = ["| features | epochs | final loss | embedding std | kNN test accuracy | linear probe | pretraining time "
+             "| views/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, run in pretraining.items():
         last = run["curve"][-1]
         collapsed = str(last.get("collapsed")) == "True"
-        name = f"**{objective}: COLLAPSED**" if collapsed else objective
+        name = f"**{label}: COLLAPSED**" if collapsed else label
+        linear = f"{run['linear']['accuracy']:.4f}" if run.get("linear") else "—"
         lines.append(f"| {name} | {last['epoch']} | {float(last['loss']):.4f} | {float(last['embedding_std']):.4f} | "
-                     f"{run['knn']['encoder_accuracy']:.4f} | {float(last['elapsed_seconds']):.0f} s | "
+                     f"{run['knn']['encoder_accuracy']:.4f} | {linear} | {float(last['elapsed_seconds']):.0f} s | "
                      f"{float(last['images_per_second']):.0f} |")
     first = next(iter(pretraining.values()))["knn"]
-    lines.append(f"| raw pixels | — | — | — | {first['raw_pixel_accuracy']:.4f} | — | — |")
+    lines.append(f"| raw pixels | — | — | — | {first['raw_pixel_accuracy']:.4f} | — | — | — |")
     return lines
+
+
+def claims_section(claims) -> list:
+    """The claims table (results/claims.csv) as Markdown, with a count of each verdict."""
+    if not claims:
+        return []
+    counts = defaultdict(int)
+    for claim in claims:
+        counts[claim["verdict"]] += 1
+    lines = ["## Claims", "",
+             f"{len(claims)} claims checked ({', '.join(f'{n} {v}' for v, n in sorted(counts.items()))}); "
+             "means with 95 % t-intervals over seeds, one-sided tests at each claim's alpha. Every column is "
+             "in [claims.csv](claims.csv).", "",
+             "| " + " | ".join(CLAIM_COLUMNS) + " |", "|" + "---|" * len(CLAIM_COLUMNS)]
+    for claim in claims:
+        cells = [claim[column].replace("|", "/") for column in CLAIM_COLUMNS]
+        cells[CLAIM_COLUMNS.index("verdict")] = f"**{claim['verdict']}**" + (
+            f" (about {claim['seeds_needed']} seeds needed)" if claim.get("seeds_needed") else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def collapse_notes(pretraining: dict) -> list:
@@ -218,22 +277,26 @@ def reference_table(references, stats, largest_fraction, methods, parameters) ->
     return lines
 
 
-def build_report(run_metrics, finetune_curves, pretraining, card, settings, out_dir) -> dict:
-    """Write summary.csv, metrics.json, report.md and plots/*.png under `out_dir`. pretraining:
-    objective -> {"curve": its pretraining curve rows, "knn": its kNN probe}; settings: config `report`."""
+def build_report(run_metrics, finetune_curves, pretraining, card, settings, out_dir, claims=None) -> dict:
+    """Write summary.csv, label_efficiency.csv, metrics.json, report.md and plots/*.png under `out_dir`.
+    pretraining: one {"curve": its curve rows, "knn": its kNN probe, "linear": its linear probe} per
+    pretraining run; claims: the rows of claims.csv, or None; settings: config `report`."""
     out_dir = Path(out_dir)
+    pretraining = pretraining_runs(pretraining)
     rows = summary_rows(run_metrics)
     write_summary(out_dir / "summary.csv", rows)
-    stats = aggregate(rows)
+    stats = aggregate(run_metrics)
+    write_label_efficiency(out_dir / "label_efficiency.csv", out_dir / "tables" / "label_efficiency.html", stats)
     fractions = sorted({row["label_fraction"] for row in rows})
-    present = {method_of(row) for row in rows}
-    methods = [objective for objective in pretraining if objective in present] + sorted(present - set(pretraining))
+    present = {method_of(row) for row in run_metrics}
+    pretrained = list(dict.fromkeys(run["method"] for run in pretraining.values()))
+    methods = [method for method in pretrained if method in present] + sorted(present - set(pretrained))
     largest = fractions[-1]
     seeds = sorted({row["seed"] for row in rows})
 
     plot_label_efficiency(out_dir / "plots" / "label_efficiency.png", stats, fractions, methods)
     plot_training_curves(out_dir / "plots" / "training_curves.png", pretraining, finetune_curves,
-                         [*pretraining, SCRATCH])
+                         [*pretrained, SCRATCH])
     matrices = {}
     for method in methods:
         runs = [m for m in run_metrics if method_of(m) == method and m["label_fraction"] == largest]
@@ -243,10 +306,12 @@ def build_report(run_metrics, finetune_curves, pretraining, card, settings, out_
     plot_confusion_matrices(out_dir / "plots" / "confusion_matrix.png", matrices, card["class_names"])
 
     mode = run_metrics[0]["mode"]
+    n_pretrain = len({run["knn"].get("pretrain_seed", 0) for run in pretraining.values()})
     knn = next(iter(pretraining.values()))["knn"]
     lines = [
         f"# {settings['title']}",
         "",
+        *claims_section(claims),
         f"Dataset **{card['dataset']}**: {card['splits']['train']['count']} training, "
         f"{card['splits']['val']['count']} validation and {card['splits']['test']['count']} test images of "
         f"shape {tuple(card['image_shape'])}, {card['num_classes']} classes. Fine-tuning mode **{mode}**, "
@@ -255,15 +320,19 @@ def build_report(run_metrics, finetune_curves, pretraining, card, settings, out_
         "",
         "## Label efficiency",
         "",
-        f"Test accuracy, mean ± sample standard deviation over {len(seeds)} seeds.",
+        f"Test accuracy, mean ± sample standard deviation over {len(seeds)} fine-tuning seeds"
+        + (f" and {n_pretrain} pretraining seeds" if n_pretrain > 1 else "") + "; with 95 % confidence "
+        "intervals in [label_efficiency.csv](label_efficiency.csv).",
         "",
         *label_efficiency_table(stats, fractions, methods),
         "",
         "![label-efficiency curve](plots/label_efficiency.png)",
         "",
-        "## Self-supervised encoders: kNN probe and cost",
+        "## Self-supervised encoders: kNN and linear probes, and cost",
         "",
-        f"Weighted kNN (k={knn['k']}, cosine similarity, temperature {knn['temperature']}) on the test set, "
+        "Linear probe: a multinomial logistic regression fitted to convergence (L-BFGS) on the frozen "
+        "encoder's standardised features of the labeled training images, test accuracy (SimCLR's linear "
+        f"evaluation). Weighted kNN (k={knn['k']}, cosine similarity, temperature {knn['temperature']}) on the test set, "
         f"with the {knn['memory_bank_size']} labeled training images as memory bank. Embedding std: the "
         "per-dimension standard deviation of the objective's L2-normalised embeddings, averaged, in the last "
         "epoch (0 is collapse). Pretraining time is training only, without start-up.",

@@ -14,16 +14,20 @@ RULE_CONFIG_KEYS = {
     "pretrain": ["pretrain", "model", "compute"],
     "finetune": ["finetune", "model", "compute"],
     "evaluate": ["compute"],
-    "knn_probe": ["evaluate", "compute"],
+    "knn_probe": ["evaluate.knn_k", "evaluate.knn_temperature", "compute"],
+    "linear_probe": ["evaluate.linear_probe", "compute"],
     "report": ["report"],
+    "claims": ["claims"],
 }
 
 # Keys that are not settings of one job: the run lists decide which jobs exist (they are wildcards),
 # threads come from the scheduler, and the resume keys decide how a job survives interruptions, not
 # what it computes (rules pass them as resources). Editing them must not rerun a job that exists.
 RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume"}
-NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "pretrain.objectives",
-                    "compute.threads", *RESUME_KEYS}
+# So are the pretraining seeds and the sweep's variants (ssl_pipeline/sweeps.py): a pretraining job gets
+# its own seed and its variant's overrides.
+NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "finetune.variants",
+                    "pretrain.objectives", "pretrain.seeds", "compute.threads", *RESUME_KEYS}
 # The objectives' config sections, pretrain.<name> (ssl_pipeline/objectives/). A pretraining job reads
 # the section of its own objective only, so that editing one objective's settings reruns its jobs alone.
 OBJECTIVE_SECTIONS = ("simclr", "byol", "vicreg", "barlow_twins", "moco_v2")
@@ -64,10 +68,18 @@ def rule_leaf_keys(config: dict, rule: str, objective: str = None) -> list:
             if not other_objectives(leaf, objective)]
 
 
-def rule_settings(config: dict, rule: str, objective: str = None) -> dict:
+def rule_settings(config: dict, rule: str, objective: str = None, pretraining: dict = None) -> dict:
     """The part of `config` that `rule` reads, nested as in the config: {"pretrain": {...}, ...}.
-    A job of one objective also gets its name as pretrain.objective."""
+    A job of one objective also gets its name as pretrain.objective; a pretraining job (`pretraining`:
+    {"variant", "seed"}; by default the base config and the first seed) its variant's name and seed too,
+    after the variant's overrides."""
     settings = {"pretrain": {"objective": objective}} if objective else {}
+    if objective and rule == "pretrain":
+        pretraining = pretraining or {"variant": "base", "seed": config["pretrain"]["seeds"][0]}
+        from ssl_pipeline.sweeps import variant_config
+
+        config = variant_config(config, pretraining["variant"])
+        settings["pretrain"].update(variant=pretraining["variant"], seed=int(pretraining["seed"]))
     for key in rule_leaf_keys(config, rule, objective):
         *parents, name = key.split(".")
         node = settings

@@ -75,3 +75,11 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - self.start
+
+
+def pretraining_identity(checkpoint: dict) -> dict:
+    """objective, sweep variant and pretraining seed of a pretraining checkpoint: the identity of the run
+    (one path scheme, workflow/rules/common.smk)."""
+    pretrain = checkpoint["config"]["pretrain"]
+    return {"objective": pretrain["objective"], "variant": pretrain.get("variant", "base"),
+            "pretrain_seed": pretrain["seed"]}

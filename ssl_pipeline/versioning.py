@@ -167,7 +167,8 @@ def group_names(rule: str, groups: dict) -> dict:
                     if all(job.wildcards[name] == value for job in jobs)}
         distinct = [value for name, value in constant.items()
                     if any(other[0].wildcards[name] != value for other in groups.values())]
-        names[key] = "_".join([rule, *distinct])
+        # A pretraining run's path segments (objective/variant/seedN) become one name: DVC forbids "/".
+        names[key] = "_".join([rule, *(value.replace("/", "-") for value in distinct)])
     if len(set(names.values())) < len(names):
         raise VersioningError(f"the jobs of rule {rule} need stages of their own, but no wildcard tells them "
                               f"apart: {sorted(names.values())}")
@@ -201,7 +202,7 @@ def stage_definition(rule, deps, outs, jobs, configfiles, params) -> dict:
     }
     if not varying:
         return definition
-    items = {"-".join(job.wildcards[name] for name in varying):
+    items = {"-".join(job.wildcards[name].replace("/", "-") for name in varying):
              {name: job.wildcards[name] for name in varying}
              for job in sorted(jobs, key=lambda job: [job.wildcards[name] for name in varying])}
     return {"foreach": items, "do": definition}

@@ -97,8 +97,8 @@ def test_a_changed_rule_output_makes_the_sync_check_fail(tmp_path):
         rules.write_text(rules.read_text().replace("{RESULTS}/pretrain/", "{RESULTS}/pretraining/"))
     with pytest.raises(VersioningError, match="drifted from the Snakemake DAG") as error:
         check_dvc_yaml(scratch, [])
-    assert "+    - results/pretraining/simclr/encoder.pt" in str(error.value)
-    assert "-    - results/pretrain/simclr/encoder.pt" in str(error.value)
+    assert "+    - results/pretraining/simclr/base/seed0/encoder.pt" in str(error.value)
+    assert "-    - results/pretrain/simclr/base/seed0/encoder.pt" in str(error.value)
 
 
 def test_each_objective_gets_stages_that_read_its_own_config_section(tmp_path):
@@ -110,24 +110,25 @@ def test_each_objective_gets_stages_that_read_its_own_config_section(tmp_path):
     (workdir / "two.yaml").write_text(yaml.safe_dump({"pretrain": {"objectives": ["simclr", "byol"]}}))
     versioning("dvc-yaml", *SMOKE, "--configfile", "two.yaml", cwd=workdir)
     stages = yaml.safe_load((workdir / "dvc.yaml").read_text())["stages"]
-    assert {"pretrain_simclr", "pretrain_byol", "knn_probe_simclr", "knn_probe_byol", "finetune_simclr",
-            "finetune_byol", "finetune_scratch", "evaluate"} <= set(stages)
+    assert {"pretrain_simclr", "pretrain_byol", "knn_probe_simclr", "knn_probe_byol", "linear_probe_simclr",
+            "finetune_simclr-base-seed0", "finetune_byol-base-seed0", "finetune_scratch", "evaluate"} <= set(stages)
     for objective, other in (("simclr", "byol"), ("byol", "simclr")):
         keys = [key for source in stages[f"pretrain_{objective}"]["params"] for keys in source.values() for key in keys]
         assert f"pretrain.{objective}.projection_dim" in keys and "pretrain.epochs" in keys
         assert not [key for key in keys if key.startswith(f"pretrain.{other}.")]
-    for init in ("simclr", "byol", "scratch"):
-        stage = stages[f"finetune_{init}"]["do"]
+    for init in ("simclr/base/seed0", "byol/base/seed0", "scratch"):
+        stage = stages[f"finetune_{init.replace('/', '-')}"]["do"]
         assert stage["outs"][0].startswith(f"results/finetune/{init}/")
         assert (f"results/pretrain/{init}/encoder.pt" in stage["deps"]) == (init != "scratch")
-    assert {item["init"] for item in stages["evaluate"]["foreach"].values()} == {"simclr", "byol", "scratch"}
+    assert {item["init"] for item in stages["evaluate"]["foreach"].values()} == {
+        "simclr/base/seed0", "byol/base/seed0", "scratch"}
     # The names of simclr's stages are those of a run with simclr alone: adding byol renames none.
     single = copy_workflow(tmp_path / "single")
     versioning("dvc-yaml", *SMOKE, cwd=single)
     alone = yaml.safe_load((single / "dvc.yaml").read_text())["stages"]
-    assert {"pretrain_simclr", "knn_probe_simclr", "finetune_simclr"} <= set(alone)
+    assert {"pretrain_simclr", "knn_probe_simclr", "finetune_simclr-base-seed0"} <= set(alone)
     # Same deps, params and outs; only cmd differs, since it names this test's extra config file.
-    for name in ("pretrain_simclr", "knn_probe_simclr", "finetune_simclr"):
+    for name in ("pretrain_simclr", "knn_probe_simclr", "linear_probe_simclr", "finetune_simclr-base-seed0"):
         assert {k: v for k, v in stages[name].items() if k not in ("cmd", "do")} == \
             {k: v for k, v in alone[name].items() if k not in ("cmd", "do")}
 
@@ -136,8 +137,8 @@ def test_stages_mirror_the_rules_and_name_config_keys_one_by_one(recorded):
     repo, _ = recorded
     stages = dvc("stage", "list", "--name-only", cwd=repo).stdout.split()
     assert stages[:3] == ["download", "preprocess", "label_subset@0.1"]
-    assert {"pretrain_simclr", "knn_probe_simclr", "report", "finetune_simclr@0.1", "finetune_scratch@1",
-            "evaluate@simclr-0.1", "evaluate@scratch-1"} <= set(stages)
+    assert {"pretrain_simclr", "knn_probe_simclr", "linear_probe_simclr", "report", "finetune_simclr-base-seed0@0.1",
+            "finetune_scratch@1", "evaluate@simclr-base-seed0-0.1", "evaluate@scratch-1"} <= set(stages)
     assert len([stage for stage in stages if stage.startswith("finetune")]) == 4  # one per run
     lock = (repo / "dvc.lock").read_text()
     assert "pretrain.augment.crop_scale" in lock and "pretrain.epochs" in lock
@@ -165,8 +166,9 @@ def test_round_trip_through_the_remote_restores_every_output_byte_for_byte(recor
     versioning("pull", cwd=clone)
 
     outputs = locked_outputs(repo)
-    assert {"results/pretrain/simclr/encoder.pt", "results/finetune/scratch/fraction1/seed0/model.pt",
-            "results/metrics.json", "results/evaluate/knn/simclr.json", "results/data/train_images.npy"} <= set(outputs)
+    assert {"results/pretrain/simclr/base/seed0/encoder.pt", "results/finetune/scratch/fraction1/seed0/model.pt",
+            "results/metrics.json", "results/evaluate/knn/simclr/base/seed0.json",
+            "results/evaluate/linear/simclr/base/seed0.json", "results/data/train_images.npy"} <= set(outputs)
     assert fingerprints(clone, outputs) == fingerprints(repo, outputs)
 
     dry = snakemake(clone, "-n", "--cores", "1", *SMOKE)
@@ -179,10 +181,10 @@ def test_round_trip_through_the_remote_restores_every_output_byte_for_byte(recor
 def test_a_tampered_checkpoint_is_reported_by_dvc_status(recorded, tmp_path):
     clone = fresh_clone(recorded, tmp_path / "clone")
     versioning("pull", cwd=clone)
-    encoder = clone / "results" / "pretrain" / "simclr" / "encoder.pt"
+    encoder = clone / "results" / "pretrain" / "simclr" / "base" / "seed0" / "encoder.pt"
     encoder.write_bytes(encoder.read_bytes() + b"tampered")
     status = dvc("status", cwd=clone).stdout
-    assert "pretrain_simclr:" in status and "modified:           results/pretrain/simclr/encoder.pt" in status
+    assert "pretrain_simclr:" in status and "modified:           results/pretrain/simclr/base/seed0/encoder.pt" in status
 
 
 @pytest.mark.parametrize("remote", ["empty", "unreachable"])
@@ -230,8 +232,8 @@ def test_an_experiment_reruns_only_the_stages_its_key_affects(recorded, tmp_path
     assert [row["k"] for row in table if row["Experiment"] == "knn-k-5"] == ["5"]
 
     diff = json.loads(dvc("metrics", "diff", "--json", cwd=clone).stdout)
-    assert diff["results/evaluate/knn/simclr.json"]["k"] == {"old": 20, "new": 5, "diff": -15}
-    assert "encoder_accuracy" in diff["results/evaluate/knn/simclr.json"]
+    assert diff["results/evaluate/knn/simclr/base/seed0.json"]["k"] == {"old": 20, "new": 5, "diff": -15}
+    assert "encoder_accuracy" in diff["results/evaluate/knn/simclr/base/seed0.json"]
 
     dvc("plots", "diff", "-o", str(tmp_path / "plots"), cwd=clone)
     page = (tmp_path / "plots" / "index.html").read_text()
@@ -246,5 +248,6 @@ def test_an_objectives_key_reruns_its_own_stages_and_another_objectives_key_none
     experiment = dvc("exp", "run", "-n", "objective-keys", "-S", "config/config.yaml:pretrain.simclr.temperature=0.3",
                      "-S", "config/config.yaml:pretrain.byol.base_momentum=0.9", cwd=clone)
     ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"pretrain_simclr", "knn_probe_simclr", "finetune_simclr@0.1", "finetune_simclr@1",
-                   "evaluate@simclr-0.1", "evaluate@simclr-1", "report"}
+    assert ran == {"pretrain_simclr", "knn_probe_simclr", "linear_probe_simclr", "finetune_simclr-base-seed0@0.1",
+                   "finetune_simclr-base-seed0@1", "evaluate@simclr-base-seed0-0.1", "evaluate@simclr-base-seed0-1",
+                   "report"}

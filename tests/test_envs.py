@@ -17,11 +17,13 @@ CONDA_PACKAGES = {
     "matplotlib": {"matplotlib", "matplotlib-base"},
     "yaml": {"pyyaml"},
     "jsonschema": {"jsonschema"},
+    "scipy": {"scipy"},
+    "pandas": {"pandas"},
 }
 # Conda package -> the name requirements.txt pins it under, to keep the two environments in step.
 PIP_NAMES = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
 TRAINING_RULES = {"pretrain", "finetune"}
-SLOW_RULES = {"pretrain", "finetune", "knn_probe"}
+SLOW_RULES = {"pretrain", "finetune", "knn_probe", "linear_probe"}
 
 
 def parse_rules() -> dict:
@@ -52,7 +54,7 @@ def pinned_packages(env_path) -> dict:
 
 def test_the_workflow_has_the_expected_rules():
     assert set(RULES) == {"download", "preprocess", "label_subset", "pretrain", "finetune", "evaluate",
-                          "knn_probe", "report"}
+                          "knn_probe", "linear_probe", "claims", "report"}
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
@@ -82,7 +84,7 @@ def test_env_provides_every_third_party_module_the_rule_imports(rule):
 def test_import_walk_sees_the_stage_dependencies():
     assert third_party_imports("pretrain") == {"torch", "torchvision", "numpy"}  # torchvision: the ResNets
     assert third_party_imports("download") == set()
-    assert third_party_imports("report") == {"matplotlib"}
+    assert third_party_imports("report") == {"matplotlib", "numpy", "pandas", "scipy"}
     names = {path.name for path in stage_files("pretrain")}
     assert {"__main__.py", "__init__.py", "pretrain.py", "geometric.py", "photometric.py", "byol.py", "moco_v2.py", "common.py",
             "cnn.py", "resnet.py"} <= names  # `from ssl_pipeline.backbones import cnn, resnet` names modules

@@ -330,9 +330,10 @@ def test_a_job_killed_under_snakemake_resumes_when_the_same_command_runs_again(r
     workdir = copy_workflow(tmp_path / "workflow")
     (workdir / "often.yaml").write_text(yaml.safe_dump({"compute": {"checkpoint_every": 0.002}}))
     for stage, target, resume_file, weights in [
-        ("pretrain", "results/pretrain/simclr/encoder.pt", "results/resume/pretrain/simclr.pt", "encoder"),
-        ("finetune", "results/finetune/simclr/fraction1/seed0/model.pt",
-         "results/resume/finetune/simclr/fraction1/seed0.pt", "model"),
+        ("pretrain", "results/pretrain/simclr/base/seed0/encoder.pt", "results/resume/pretrain/simclr/base/seed0.pt",
+         "encoder"),
+        ("finetune", "results/finetune/simclr/base/seed0/fraction1/seed0/model.pt",
+         "results/resume/finetune/simclr/base/seed0/fraction1/seed0.pt", "model"),
     ]:
         command = [sys.executable, "-m", "snakemake", target, "--cores", "2", *SMOKE, "often.yaml"]
         run = subprocess.Popen(command, cwd=workdir, env=tool_env(), stdout=subprocess.DEVNULL,
@@ -344,8 +345,8 @@ def test_a_job_killed_under_snakemake_resumes_when_the_same_command_runs_again(r
 
         again = subprocess.run(command, cwd=workdir, env=tool_env(), capture_output=True, text=True)
         assert again.returncode == 0, again.stderr
-        log = workdir / "results" / "logs" / ("pretrain/simclr.log" if stage == "pretrain"
-                                              else "finetune/simclr/fraction1/seed0.log")
+        log = workdir / "results" / "logs" / ("pretrain/simclr/base/seed0.log" if stage == "pretrain"
+                                              else "finetune/simclr/base/seed0/fraction1/seed0.log")
         assert f"resuming from {resume_file} after" in log.read_text()
         assert not (workdir / resume_file).exists()
         assert_same_weights(load_checkpoint(workdir / target)[weights],

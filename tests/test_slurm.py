@@ -27,7 +27,7 @@ SLURM = ("--workflow-profile", "profiles/slurm", "--max-threads", "2",
          "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1")
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 LOCAL_RULES = {"download", "report"}
-CLUSTER_RULES = {"preprocess", "label_subset", "pretrain", "finetune", "evaluate", "knn_probe"}
+CLUSTER_RULES = {"preprocess", "label_subset", "pretrain", "finetune", "evaluate", "knn_probe", "linear_probe"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_smoke_experiment_on_slurm_matches_the_local_run(slurm_cluster, real_smo
     jobs = submissions(output)
     assert sorted(rule for _, _, rule, _ in jobs) == sorted(rules_started(output, "rule"))
     assert {rule for _, _, rule, _ in jobs} == CLUSTER_RULES
-    assert len(jobs) == 13  # preprocess, 2 label subsets, pretrain, 4 finetune, 4 evaluate, knn probe
+    assert len(jobs) == 14  # preprocess, 2 label subsets, pretrain, 4 finetune, 4 evaluate, kNN and linear probe
     assert set(rules_started(output, "localrule")) == LOCAL_RULES | {"all"}
     (log_file,) = (workdir / ".snakemake" / "log").glob("*.snakemake.log")
     assert submissions(log_file.read_text()) == jobs
@@ -118,12 +118,13 @@ def test_smoke_experiment_on_slurm_matches_the_local_run(slurm_cluster, real_smo
     # The training jobs were given a GPU (CUDA_VISIBLE_DEVICES in their environment), found no CUDA
     # behind it and said so; the other jobs were given none.
     logs = workdir / "results" / "logs"
-    gpu_logs = [logs / "pretrain" / "simclr.log", *sorted((logs / "finetune").rglob("*.log"))]
+    gpu_logs = [logs / "pretrain" / "simclr" / "base" / "seed0.log", *sorted((logs / "finetune").rglob("*.log"))]
     assert len(gpu_logs) == 5
     for log in gpu_logs:
         assert "CUDA_VISIBLE_DEVICES='0' but torch finds no usable CUDA device; falling back to the CPU" \
             in log.read_text(), log
-    for log in [logs / "knn_probe" / "simclr.log", *sorted((logs / "evaluate").rglob("*.log"))]:
+    for log in [*sorted((logs / "knn_probe").rglob("*.log")), *sorted((logs / "linear_probe").rglob("*.log")),
+                *sorted((logs / "evaluate").rglob("*.log"))]:
         assert "CUDA_VISIBLE_DEVICES" not in log.read_text(), log
 
     # Same numbers as the local run: the CPU path is deterministic.
@@ -132,7 +133,7 @@ def test_smoke_experiment_on_slurm_matches_the_local_run(slurm_cluster, real_smo
     for metrics in sorted(reference.glob("evaluate/**/*.json")):
         relative = metrics.relative_to(reference)
         assert json.loads((results / relative).read_text()) == json.loads(metrics.read_text()), relative
-    for checkpoint in ["pretrain/simclr/encoder.pt", *[p.relative_to(reference).as_posix()
+    for checkpoint in ["pretrain/simclr/base/seed0/encoder.pt", *[p.relative_to(reference).as_posix()
                                                 for p in sorted(reference.glob("finetune/**/model.pt"))]]:
         ours, theirs = (torch.load(root / checkpoint, weights_only=True) for root in (results, reference))
         weights = "encoder" if checkpoint.startswith("pretrain") else "model"
@@ -160,7 +161,7 @@ def synthetic_workflow(tmp_path):
     return workdir, ("--configfile", "config/experiments/smoke.yaml", "synthetic.yaml")
 
 
-ENCODER = "results/pretrain/simclr/encoder.pt"
+ENCODER = "results/pretrain/simclr/base/seed0/encoder.pt"
 
 
 def running_job_of_rule(rule: str, workdir: Path, timeout: float = 240) -> str:
@@ -222,7 +223,7 @@ def test_a_cancelled_job_stops_at_a_step_then_the_rerun_retries_a_failed_job_and
     assert "Error in rule pretrain" in output
     assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in output
     stop = re.search(r"pretrain simclr stopped by SIGTERM at epoch (\d+), step 1 of 1; its state is in "
-                     r"results/resume/pretrain/simclr.pt: run the same command again to continue$",
+                     r"results/resume/pretrain/simclr/base/seed0.pt: run the same command again to continue$",
                      log.read_text().strip())
     assert stop, log.read_text()[-2000:]
     # What the cancelled job had asked Slurm for: the profile's GPU, memory and time of a first attempt.
@@ -248,7 +249,7 @@ def test_a_cancelled_job_stops_at_a_step_then_the_rerun_retries_a_failed_job_and
     assert "TresPerJob=gres:gpu:1" in first and "TresPerJob=gres:gpu:1" in second
     assert "the injected failure already happened" in log.read_text()
     # The successful attempt continued where the cancelled job stopped, to an uninterrupted run's weights.
-    assert f"resuming from results/resume/pretrain/simclr.pt after epoch {stop[1]}, step 1 of 1" in log.read_text()
+    assert f"resuming from results/resume/pretrain/simclr/base/seed0.pt after epoch {stop[1]}, step 1 of 1" in log.read_text()
     assert_same_encoder(workdir, reference)
 
 
@@ -293,6 +294,6 @@ def test_a_job_near_its_time_limit_stops_itself_and_its_retry_resumes_to_the_sam
     assert len(stops) == len(attempts) - 1, output  # the failed attempts' logs, as Snakemake shows them
     log = (workdir / "results" / "logs" / "pretrain" / "simclr.log").read_text()
     epoch, step = stops[-1]
-    assert f"resuming from results/resume/pretrain/simclr.pt after epoch {epoch}, step {step} of 8" in log
+    assert f"resuming from results/resume/pretrain/simclr/base/seed0.pt after epoch {epoch}, step {step} of 8" in log
     assert not (workdir / "results" / "resume" / "pretrain" / "simclr.pt").exists()
     assert_same_encoder(workdir, reference)

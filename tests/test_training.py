@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_pipeline.evaluate import classification_metrics, evaluate_classifier, evaluate_knn, knn_predict
+from ssl_pipeline.evaluate import (classification_metrics, evaluate_classifier, evaluate_knn, evaluate_linear,
+                                  fit_linear_classifier, knn_predict)
 from ssl_pipeline.finetune import finetune
 from ssl_pipeline.objectives import is_collapsed
 from ssl_pipeline.preprocess import preprocess, write_label_subset
@@ -201,6 +202,25 @@ def test_knn_probe_reports_encoder_and_raw_pixel_accuracy(data_dir, tmp_path, en
                            {"knn_k": 5, "knn_temperature": 0.1}, CPU)
     assert 0 < metrics["encoder_accuracy"] <= 1 and 0 < metrics["raw_pixel_accuracy"] <= 1
     assert metrics["memory_bank_size"] == 180
+
+
+def test_linear_probe_fits_to_convergence_on_frozen_features_and_names_its_pretraining_run(
+        data_dir, tmp_path, encoder_path):
+    metrics = evaluate_linear(data_dir, encoder_path, tmp_path / "linear.json",
+                              {"weight_decay": 1e-4, "max_iterations": 500}, CPU)
+    assert metrics["converged"] and 0 < metrics["iterations"] < 500
+    assert metrics["accuracy"] > 1 / 3 + 0.2 and metrics["train_accuracy"] >= metrics["accuracy"] - 0.2
+    assert (metrics["objective"], metrics["variant"], metrics["pretrain_seed"]) == ("simclr", "base", 0)
+
+
+def test_the_linear_classifier_separates_separable_features_and_stops_at_its_iteration_budget():
+    centres = torch.eye(3) * 4
+    features = centres.repeat_interleave(20, dim=0) + 0.3 * torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(3).repeat_interleave(20)
+    classifier, iterations, converged = fit_linear_classifier(features, labels, 3, 1e-3, 500)
+    assert converged and (classifier(features).argmax(dim=1) == labels).all()
+    _, iterations, converged = fit_linear_classifier(features, labels, 3, 1e-3, 2)
+    assert not converged and iterations == 2
 
 
 def test_knn_predict_finds_the_class_of_well_separated_points():

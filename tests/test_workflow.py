@@ -33,9 +33,11 @@ def assert_complete_report(workdir, expected_runs, fractions, objectives=("simcl
         assert (results / "plots" / f"{plot}.png").read_bytes()[:8] == PNG_MAGIC
     assert "| labels | labeled images | " + " | ".join([*objectives, "scratch"]) + " |" in report
     for objective in objectives:
-        knn = json.loads((results / "evaluate" / "knn" / f"{objective}.json").read_text())
-        assert knn["objective"] == objective
+        knn = json.loads((results / "evaluate" / "knn" / objective / "base" / "seed0.json").read_text())
+        linear = json.loads((results / "evaluate" / "linear" / objective / "base" / "seed0.json").read_text())
+        assert knn["objective"] == linear["objective"] == objective and linear["converged"]
         assert f"{knn['encoder_accuracy']:.4f}" in report.split(f"| {objective} |")[-1].splitlines()[0]
+    assert f"{linear['accuracy']:.4f}" in report.split(f"| {objective} |")[-1].splitlines()[0]
     assert f"| raw pixels | — | — | — | {knn['raw_pixel_accuracy']:.4f} |" in report
 
 
@@ -102,9 +104,10 @@ def test_synthetic_idx_dataset_over_loopback_http(tmp_path, http_server):
     # A third objective adds its own jobs and the report; nothing that exists runs again.
     (workdir / "third.yaml").write_text(yaml.safe_dump({"pretrain": {"objectives": ["simclr", "byol", "vicreg"]}}))
     outputs = planned_outputs(workdir, *config_args, "third.yaml")
-    assert "results/pretrain/vicreg/encoder.pt" in outputs and "results/report.md" in outputs
+    assert "results/pretrain/vicreg/base/seed0/encoder.pt" in outputs and "results/report.md" in outputs
     assert [path for path in outputs if "vicreg" not in path and "report" not in path
-            and not path.startswith(("results/summary.csv", "results/metrics.json", "results/plots/"))] == []
+            and not path.startswith(("results/summary.csv", "results/metrics.json", "results/plots/",
+                                     "results/label_efficiency.csv", "results/tables/"))] == []
 
 
 def test_smoke_experiment_on_real_fashion_mnist(real_smoke_run):

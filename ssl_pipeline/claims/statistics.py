@@ -33,7 +33,7 @@ def describe(values, confidence: float = 0.95) -> dict:
 
 def seeds_needed(effect: float, sd: float, alpha: float, groups: int = 1) -> float:
     """Seeds per variant for 80 % power at this effect and sd (groups=2: two independent groups)."""
-    if not effect or not math.isfinite(sd) or sd == 0:
+    if abs(effect) < 1e-9 or not math.isfinite(sd) or sd == 0:  # no effect (up to rounding): no sample size
         return math.nan
     z = stats.norm.ppf(1 - alpha) + stats.norm.ppf(POWER)
     return math.ceil(groups * (z * sd / abs(effect)) ** 2)

@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from ssl_pipeline.config import validate_config
 from ssl_pipeline.raw_files import all_raw_paths
 from ssl_pipeline.settings import OBJECTIVE_SECTIONS, rule_settings
+from ssl_pipeline.sweeps import pretraining_variants, run_name, sweep_variants
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
@@ -35,15 +36,20 @@ def split_files(*splits):
 
 
 OBJECTIVES = config["pretrain"]["objectives"]
-# Per pretraining objective.
-ENCODER = f"{RESULTS}/pretrain/{{objective}}/encoder.pt"
-# A fine-tuning run: its init is the objective whose encoder it starts from, or scratch.
+# The identity of a pretraining run, one path scheme for every stage that follows it: objective, sweep
+# variant (ssl_pipeline/sweeps.py; "base" without a sweep) and pretraining seed.
+PRETRAINING = "{objective}/{variant}/seed{pretrain_seed}"
+ENCODER = f"{RESULTS}/pretrain/{PRETRAINING}/encoder.pt"
+# A fine-tuning run: its init is the pretraining run whose encoder it starts from, or scratch.
 RUN = "{init}/fraction{fraction}/seed{seed}"
+OBJECTIVE_PATTERN = "|".join(OBJECTIVE_SECTIONS)
 
 
 wildcard_constraints:
-    objective="|".join(OBJECTIVE_SECTIONS),
-    init="|".join(["scratch", *OBJECTIVE_SECTIONS]),
+    objective=OBJECTIVE_PATTERN,
+    variant=r"[^/]+",
+    pretrain_seed=r"\d+",
+    init=rf"scratch|(?:{OBJECTIVE_PATTERN})/[^/]+/seed\d+",
     fraction=r"[0-9.e-]+",
     seed=r"\d+",
 
@@ -54,7 +60,9 @@ def settings_of(rule_name):
 
     def settings(wildcards):
         objective = wildcards.get("objective")
-        return json.dumps(rule_settings(config, rule_name, objective), sort_keys=True)
+        variant = wildcards.get("variant")  # `in` would test the values of Snakemake's Wildcards, not names
+        pretraining = {"variant": variant, "seed": wildcards.pretrain_seed} if variant else None
+        return json.dumps(rule_settings(config, rule_name, objective, pretraining), sort_keys=True)
 
     return settings
 
@@ -74,10 +82,25 @@ def fraction_name(fraction):
     return f"{fraction:g}"
 
 
+def pretraining_runs(variants=None):
+    """Every pretraining run of the config: objective x variant x pretraining seed, as PRETRAINING paths."""
+    variants = pretraining_variants(config) if variants is None else variants
+    return expand(PRETRAINING, objective=OBJECTIVES, variant=variants, pretrain_seed=config["pretrain"]["seeds"])
+
+
+def finetuned_variants():
+    """The variants fine-tuning starts from: config finetune.variants, or every variant (null)."""
+    chosen = config["finetune"]["variants"]
+    if chosen is None:
+        return pretraining_variants(config)
+    return list(dict.fromkeys(run_name(config, variant) for variant in chosen))
+
+
 def run_inits():
-    """The init wildcard's values: each objective for init 'pretrained', and 'scratch'."""
+    """The init wildcard's values: each fine-tuned pretraining run for init 'pretrained', and 'scratch'."""
     inits = config["finetune"]["inits"]
-    return (OBJECTIVES if "pretrained" in inits else []) + (["scratch"] if "scratch" in inits else [])
+    pretrained = pretraining_runs(finetuned_variants()) if "pretrained" in inits else []
+    return pretrained + (["scratch"] if "scratch" in inits else [])
 
 
 def run_paths(pattern):
@@ -101,7 +124,7 @@ def directory_of(name):
 
 
 def pretrained_encoder(wildcards):
-    return [] if wildcards.init == "scratch" else ENCODER.format(objective=wildcards.init)
+    return [] if wildcards.init == "scratch" else f"{RESULTS}/pretrain/{wildcards.init}/encoder.pt"
 
 
 def encoder_option(wildcards, input):
@@ -111,14 +134,21 @@ def encoder_option(wildcards, input):
     return f"--init pretrained --encoder {input.encoder}"
 
 
-def per_objective(pattern):
-    """`pattern` filled in for every pretraining objective."""
-    return expand(pattern, objective=OBJECTIVES)
+def per_pretraining(pattern):
+    """`pattern` (with {pretraining} in it) filled in for every pretraining run."""
+    return [pattern.format(pretraining=run) for run in pretraining_runs()]
+
+
+def claims_table():
+    """results/claims.csv when config claims.files lists claim files, else nothing."""
+    return [f"{RESULTS}/claims.csv", f"{RESULTS}/tables/claims.html"] if config["claims"]["files"] else []
 
 
 def report_outputs():
-    return [
+    return [*claims_table(),
         f"{RESULTS}/summary.csv",
+        f"{RESULTS}/label_efficiency.csv",
+        f"{RESULTS}/tables/label_efficiency.html",
         f"{RESULTS}/report.md",
         f"{RESULTS}/plots/label_efficiency.png",
         f"{RESULTS}/plots/training_curves.png",

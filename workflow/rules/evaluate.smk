@@ -28,14 +28,14 @@ rule knn_probe:
         card=f"{DATA}/card.json",
         normalization=f"{DATA}/normalization.json",
     output:
-        metrics=f"{RESULTS}/evaluate/knn/{{objective}}.json",
+        metrics=f"{RESULTS}/evaluate/knn/{PRETRAINING}.json",
     params:
         settings=settings_of("knn_probe"),
         data_dir=directory_of("card"),
     log:
-        f"{LOGS}/knn_probe/{{objective}}.log",
+        f"{LOGS}/knn_probe/{PRETRAINING}.log",
     benchmark:
-        f"{BENCHMARKS}/knn_probe/{{objective}}.tsv"
+        f"{BENCHMARKS}/knn_probe/{PRETRAINING}.tsv"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4096,
@@ -43,5 +43,33 @@ rule knn_probe:
         "../../envs/knn_probe.yaml"
     shell:
         "python -m ssl_pipeline knn-probe --data-dir {params.data_dir} --encoder {input.encoder}"
+        " --settings {params.settings:q} --threads {threads}"
+        " --metrics {output.metrics} > {log} 2>&1"
+
+
+# Linear evaluation (SimCLR's protocol): frozen encoder, its features cached once, a linear classifier
+# trained on them to convergence.
+rule linear_probe:
+    input:
+        split_files("train", "test"),
+        encoder=ENCODER,
+        card=f"{DATA}/card.json",
+        normalization=f"{DATA}/normalization.json",
+    output:
+        metrics=f"{RESULTS}/evaluate/linear/{PRETRAINING}.json",
+    params:
+        settings=settings_of("linear_probe"),
+        data_dir=directory_of("card"),
+    log:
+        f"{LOGS}/linear_probe/{PRETRAINING}.log",
+    benchmark:
+        f"{BENCHMARKS}/linear_probe/{PRETRAINING}.tsv"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=4096,
+    conda:
+        "../../envs/linear_probe.yaml"
+    shell:
+        "python -m ssl_pipeline linear-probe --data-dir {params.data_dir} --encoder {input.encoder}"
         " --settings {params.settings:q} --threads {threads}"
         " --metrics {output.metrics} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# One job per objective of config pretrain.objectives.
+# One job per pretraining run: objective (config pretrain.objectives) x sweep variant (config sweeps) x
+# pretraining seed (config pretrain.seeds).
 # Reads the training images, the unlabeled ones (config dataset.unlabeled; none by default) and their
 # statistics only: never a label file. Given more than one GPU
 # (e.g. --set-resources pretrain:gpu=4), it runs one data-parallel process per GPU (config
@@ -10,14 +11,14 @@ rule pretrain:
         normalization=f"{DATA}/normalization.json",
     output:
         checkpoint=ENCODER,
-        curve=f"{RESULTS}/pretrain/{{objective}}/curve.csv",
+        curve=f"{RESULTS}/pretrain/{PRETRAINING}/curve.csv",
     params:
         settings=settings_of("pretrain"),
-        resume_file=f"{RESUME}/pretrain/{{objective}}.pt",
+        resume_file=f"{RESUME}/pretrain/{PRETRAINING}.pt",
     log:
-        f"{LOGS}/pretrain/{{objective}}.log",
+        f"{LOGS}/pretrain/{PRETRAINING}.log",
     benchmark:
-        f"{BENCHMARKS}/pretrain/{{objective}}.tsv"
+        f"{BENCHMARKS}/pretrain/{PRETRAINING}.tsv"
     threads: config["compute"]["threads"]
     resources:
         gpu=1,

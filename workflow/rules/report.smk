@@ -2,9 +2,11 @@ rule report:
     input:
         run_metrics=run_paths(f"{RESULTS}/evaluate/{RUN}/metrics.json"),
         finetune_curves=run_paths(f"{RESULTS}/finetune/{RUN}/curve.csv"),
-        pretrain_curves=per_objective(f"{RESULTS}/pretrain/{{objective}}/curve.csv"),
-        knn=per_objective(f"{RESULTS}/evaluate/knn/{{objective}}.json"),
+        pretrain_curves=per_pretraining(f"{RESULTS}/pretrain/{{pretraining}}/curve.csv"),
+        knn=per_pretraining(f"{RESULTS}/evaluate/knn/{{pretraining}}.json"),
+        linear=per_pretraining(f"{RESULTS}/evaluate/linear/{{pretraining}}.json"),
         card=f"{DATA}/card.json",
+        claims=claims_table()[:1],
     output:
         summary=report(
             f"{RESULTS}/summary.csv",
@@ -12,6 +14,16 @@ rule report:
             category="Results",
         ),
         markdown=f"{RESULTS}/report.md",
+        label_efficiency_table=report(
+            f"{RESULTS}/label_efficiency.csv",
+            caption="../report/label_efficiency_table.rst",
+            category="Tables",
+        ),
+        label_efficiency_html=report(
+            f"{RESULTS}/tables/label_efficiency.html",
+            caption="../report/label_efficiency_table.rst",
+            category="Tables",
+        ),
         # Mean test accuracy per (init, label fraction), for `dvc metrics diff`.
         metrics=f"{RESULTS}/metrics.json",
         label_efficiency=report(
@@ -32,6 +44,7 @@ rule report:
     params:
         settings=settings_of("report"),
         out_dir=directory_of("summary"),
+        claims=lambda wildcards, input: f"--claims {input.claims}" if input.claims else "",
     log:
         f"{LOGS}/report.log",
     threads: 1
@@ -42,5 +55,41 @@ rule report:
     shell:
         "python -m ssl_pipeline report --run-metrics {input.run_metrics}"
         " --finetune-curves {input.finetune_curves} --pretrain-curves {input.pretrain_curves}"
-        " --knn {input.knn} --card {input.card} --settings {params.settings:q}"
+        " --knn {input.knn} --linear {input.linear} --card {input.card} {params.claims}"
+        " --settings {params.settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# Checks the claims of config claims.files (config/claims/*.yaml) against every run; a claim that does
+# not hold is reported as such and never fails the run.
+rule claims:
+    input:
+        claim_files=config["claims"]["files"],
+        run_metrics=run_paths(f"{RESULTS}/evaluate/{RUN}/metrics.json"),
+        knn=per_pretraining(f"{RESULTS}/evaluate/knn/{{pretraining}}.json"),
+        linear=per_pretraining(f"{RESULTS}/evaluate/linear/{{pretraining}}.json"),
+    output:
+        claims=report(
+            f"{RESULTS}/claims.csv",
+            caption="../report/claims.rst",
+            category="Tables",
+        ),
+        html=report(
+            f"{RESULTS}/tables/claims.html",
+            caption="../report/claims.rst",
+            category="Tables",
+        ),
+    params:
+        settings=settings_of("claims"),
+        variants=json.dumps({variant: run_name(config, variant) for variant in sweep_variants(config)}),
+    log:
+        f"{LOGS}/claims.log",
+    threads: 1
+    resources:
+        mem_mb=1024,
+    conda:
+        "../../envs/claims.yaml"
+    shell:
+        "python -m ssl_pipeline claims --claim-files {input.claim_files} --run-metrics {input.run_metrics}"
+        " --knn {input.knn} --linear {input.linear} --settings {params.settings:q}"
+        " --variants {params.variants:q} --out {output.claims} --html {output.html} > {log} 2>&1"
