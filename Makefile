@@ -27,7 +27,7 @@ $(VENV)/installed: requirements.txt
 run: $(VENV)/installed  ## run the pipeline on the default config (results/report.md)
 	$(SNAKEMAKE) --cores $(CORES) $(CONFIG_ARGS)
 
-reproduce: $(VENV)/installed  ## SimCLR's claims with statistics (results/claims.csv; under an hour on 2 CPUs)
+reproduce: $(VENV)/installed  ## SimCLR's claims with statistics (results/claims.csv; README, "Reproducing SimCLR's claims")
 	$(SNAKEMAKE) --cores $(CORES) --configfile config/experiments/reproduce-simclr.yaml
 
 smoke: $(VENV)/installed  ## the whole DAG on the tiny smoke experiment

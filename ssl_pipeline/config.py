@@ -55,8 +55,19 @@ def sweep_errors(config: dict) -> list:
         return [str(error)]
     errors = [f"config key finetune.variants: '{name}' is not a variant of config sweeps (variants: "
               f"{', '.join(variants)})" for name in config["finetune"]["variants"] or [] if name not in variants]
-    return errors + [f"config key claims.files: {path} does not exist" for path in config["claims"]["files"]
-                     if not Path(path).is_file()]
+    missing = [path for path in config["claims"]["files"] if not Path(path).is_file()]
+    errors += [f"config key claims.files: {path} does not exist" for path in missing]
+    if config["claims"]["files"] and not missing:
+        from ssl_pipeline.claims.check import ClaimError, load_claims
+        from ssl_pipeline.sweeps import run_name
+
+        names = {variant: run_name(config, variant) for variant in variants}
+        try:  # a claim that cannot be read fails now, not after hours of training
+            for claim in load_claims(config["claims"]["files"], config["claims"]["alpha"], names):
+                claim.check_variants()
+        except ClaimError as error:
+            errors.append(str(error))
+    return errors
 
 
 def merged(base: dict, override: dict) -> dict:

@@ -242,8 +242,9 @@ def claims_section(claims) -> list:
         counts[claim["verdict"]] += 1
     lines = ["## Claims", "",
              f"{len(claims)} claims checked ({', '.join(f'{n} {v}' for v, n in sorted(counts.items()))}); "
-             "means with 95 % t-intervals over seeds, one-sided tests at each claim's alpha. Every column is "
-             "in [claims.csv](claims.csv).", "",
+             "means with two-sided 95 % t-intervals over independent runs (a pretraining run, its fine-tuning "
+             "seeds averaged; or a scratch run), verdicts from one-sided tests at each claim's alpha, so a "
+             "supported claim's interval may still touch 0. Every column is in [claims.csv](claims.csv).", "",
              "| " + " | ".join(CLAIM_COLUMNS) + " |", "|" + "---|" * len(CLAIM_COLUMNS)]
     for claim in claims:
         cells = [claim[column].replace("|", "/") for column in CLAIM_COLUMNS]

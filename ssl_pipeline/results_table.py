@@ -33,10 +33,16 @@ def runs_frame(run_metrics: list) -> pd.DataFrame:
 def pretraining_frame(knn: list, linear: list) -> pd.DataFrame:
     """One row per pretraining run: objective, variant, pretrain_seed, knn_accuracy, linear_accuracy,
     raw_pixel_knn_accuracy and its method."""
-    rows = [{"objective": k["objective"], "variant": k.get("variant", BASE), "pretrain_seed": k.get("pretrain_seed", 0),
+    def identity(probe):
+        return probe["objective"], probe.get("variant", BASE), probe.get("pretrain_seed", 0)
+
+    by_run = {identity(probe): probe for probe in linear}
+    if set(by_run) != {identity(probe) for probe in knn}:
+        raise ValueError("the kNN and linear probes must cover the same pretraining runs")
+    rows = [{"objective": k["objective"], "variant": identity(k)[1], "pretrain_seed": identity(k)[2],
              "knn_accuracy": k["encoder_accuracy"], "raw_pixel_knn_accuracy": k["raw_pixel_accuracy"],
-             "linear_accuracy": lin["accuracy"], "linear_converged": lin["converged"]}
-            for k, lin in zip(knn, linear)]
+             "linear_accuracy": by_run[identity(k)]["accuracy"], "linear_converged": by_run[identity(k)]["converged"]}
+            for k in knn]
     frame = pd.DataFrame(rows)
     frame["method"] = [method_name(o, v) for o, v in zip(frame["objective"], frame["variant"])]
     return frame

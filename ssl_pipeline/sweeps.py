@@ -97,8 +97,17 @@ def pretraining_variants(config: dict) -> list:
     return [name for name, overrides in sweep_variants(config).items() if name == BASE or overrides]
 
 
+def applies_to(config: dict, variant: str, objective: str) -> bool:
+    """Whether the variant changes anything for `objective`: a sweep of simclr's temperature has no
+    byol run of its own (it would repeat byol's base run)."""
+    from ssl_pipeline.settings import other_objectives
+
+    overrides = sweep_variants(config)[run_name(config, variant)]
+    return not overrides or any(not other_objectives(key, objective) for key in overrides)
+
+
 def variant_config(config: dict, variant: str) -> dict:
-    """`config` with the variant's overrides applied (a copy)."""
+    """`config` with the variant's overrides applied (a copy; `config` itself for the base config)."""
     overrides = sweep_variants(config)[run_name(config, variant)]
     if not overrides:
         return config

@@ -35,8 +35,8 @@ HEADER = """\
 """
 # Outputs that are metrics, and rules whose `curve` output is a plot: (x column, y column, title).
 METRICS = ["results/metrics.json"]
-# Rules whose every job's `metrics` output is a DVC metric too: the kNN probe, one per objective.
-METRIC_RULES = ["knn_probe"]
+# Rules whose every job's `metrics` output is a DVC metric too: the kNN and linear probes, one per pretraining run.
+METRIC_RULES = ["knn_probe", "linear_probe"]
 CURVES = {"pretrain": ("epoch", "loss", "pretraining loss"),
           "finetune": ("step", "val_accuracy", "fine-tuning validation accuracy")}
 

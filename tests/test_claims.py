@@ -89,8 +89,9 @@ def test_at_least_a_published_number_and_a_decreasing_gain_over_label_fractions(
     ]
     rows = check(tmp_path, claims, (0.8, 0.8, 0.8), (0.7, 0.7, 0.7), runs=runs)
     assert [row["verdict"] for row in rows] == ["contradicted", "supported", "supported", "supported"]
-    # A gain pairs each pretrained run with the scratch run of its fine-tuning seed: 0.2 + p / 500 exactly.
-    assert "1% labels: 0.2010" in rows[2]["groups"] and "(n=6)" in rows[2]["groups"]
+    # A gain pairs each pretrained run with the scratch run of its fine-tuning seed (0.2 + p / 500 exactly),
+    # and a pretraining run's fine-tuning seeds are averaged: one value per pretraining seed.
+    assert rows[2]["groups"].startswith("1% labels: 0.2010 [") and "(n=2)" in rows[2]["groups"]
     assert float(rows[2]["difference"]) < 0 and rows[3]["test"] == "paired t-test"
     assert rows[3]["comparison"] == "base at 1% labels > base at 100% labels"
 
@@ -103,6 +104,10 @@ def test_at_least_a_published_number_and_a_decreasing_gain_over_label_fractions(
     ({**GREATER, "test": None}, "needs test: welch or test: paired"),
     (claim({"type": "at_least", "variant": "scratch", "published": 0.9}, metric="test_accuracy"),
      "metric test_accuracy needs `fraction`"),
+    (claim({"type": "trend", "values": ["base"], "direction": "increase"}), "compare.direction must be one of"),
+    (claim({"type": "at_least", "variant": "base"}), "a 'at_least' comparison needs compare.published"),
+    (claim({"type": "at_least", "variant": "scratch", "published": 0.0}, metric="pretraining_gain", fraction=1.0),
+     "'scratch' has none"),
 ])
 def test_a_claim_that_cannot_be_evaluated_names_its_file_and_id(tmp_path, bad, fragment):
     with pytest.raises(ClaimError) as error:

@@ -79,3 +79,8 @@ def test_seeds_needed_for_a_trend_are_per_variant():
     z = scipy_stats.norm.ppf(0.95) + scipy_stats.norm.ppf(0.8)
     total = math.ceil((z * residual_sd / (slope.slope * np.std([0, 1, 2]))) ** 2)
     assert result["verdict"] == INCONCLUSIVE and result["seeds_needed"] == math.ceil(total / 3)
+
+
+def test_a_trend_with_one_run_per_variant_gives_no_verdict():
+    result = statistics.increasing([[0.1], [0.2], [0.3]])
+    assert result["verdict"] == "inconclusive" and "too few seeds" in result["test"]

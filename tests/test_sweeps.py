@@ -78,8 +78,23 @@ def test_the_reproduce_experiment_and_its_claims_agree():
     claims = load_claims([REPO / path for path in config["claims"]["files"]], 0.05, names)
     assert len(claims) >= 6 and len(config["pretrain"]["seeds"]) >= 3
     for claim in claims:
-        compare = claim.compare
-        for variant in [compare.get("a"), compare.get("b"), compare.get("variant"),
-                        *(compare["values"] if compare.get("over") == "variants" else [])]:
-            if variant:
-                claim.run_variant(variant)  # raises for a variant the sweeps do not define
+        claim.check_variants()  # raises for a variant the sweeps do not define
+
+
+def test_a_claim_naming_a_variant_no_sweep_defines_fails_when_the_config_loads(tmp_path):
+    claims = tmp_path / "claims.yaml"
+    claims.write_text(yaml.safe_dump({"claims": [{
+        "id": "t", "statement": "s", "source": "p", "experiment": "e", "metric": "knn_accuracy",
+        "compare": {"type": "greater", "a": "temperature~0.7", "b": "base"}, "test": "welch"}]}))
+    config = with_sweeps({"t": {"pretrain.simclr.temperature": [0.1]}})
+    config["claims"]["files"] = [str(claims)]
+    with pytest.raises(ConfigError, match="claim 't': variant 'temperature~0.7' is not in this run's sweeps"):
+        validate_config(config, SCHEMA)
+
+
+def test_a_sweep_of_one_objectives_setting_gives_the_other_objectives_no_runs_of_their_own():
+    from ssl_pipeline.sweeps import applies_to
+
+    config = with_sweeps({"t": {"pretrain.simclr.temperature": [1.0]}, "e": {"pretrain.epochs": [1]}})
+    assert applies_to(config, "temperature~1.0", "simclr") and not applies_to(config, "temperature~1.0", "byol")
+    assert applies_to(config, "epochs~1", "byol") and applies_to(config, BASE, "byol")

@@ -29,6 +29,7 @@ from ssl_pipeline.results_table import SCRATCH, pretraining_frame, runs_frame
 log = logging.getLogger(__name__)
 METRICS = ("linear_probe_accuracy", "knn_accuracy", "test_accuracy", "pretraining_gain")
 COMPARISONS = ("greater", "trend", "at_least")
+REQUIRED = {"greater": ("a", "b"), "trend": ("values",), "at_least": ("variant", "published")}
 COLUMNS = ["id", "statement", "source", "experiment", "metric", "comparison", "groups", "difference",
            "difference_ci_low", "difference_ci_high", "test", "why", "t", "df", "p_value", "alpha", "verdict",
            "seeds_needed"]
@@ -50,10 +51,30 @@ class Claim:
         self.variant_names = variant_names
         if self.metric not in METRICS:
             raise ClaimError(f"{self.where}: metric '{self.metric}' is not one of {', '.join(METRICS)}")
-        if self.compare.get("type") not in COMPARISONS:
+        if not isinstance(self.compare, dict) or self.compare.get("type") not in COMPARISONS:
             raise ClaimError(f"{self.where}: compare.type must be one of {', '.join(COMPARISONS)}")
-        if self.compare["type"] == "greater" and entry.get("test") not in ("welch", "paired"):
+        kind = self.compare["type"]
+        for field in REQUIRED[kind]:
+            if field not in self.compare:
+                raise ClaimError(f"{self.where}: a '{kind}' comparison needs compare.{field}")
+        for field, allowed in (("direction", ("increasing", "decreasing")), ("over", ("variants", "fractions"))):
+            if kind == "trend" and self.compare.get(field, allowed[0]) not in allowed:
+                raise ClaimError(f"{self.where}: compare.{field} must be one of {', '.join(allowed)}")
+        if kind == "greater" and entry.get("test") not in ("welch", "paired"):
             raise ClaimError(f"{self.where}: a 'greater' claim needs test: welch or test: paired (and why)")
+        if self.metric == "pretraining_gain" and SCRATCH in (self.compare.get("a"), self.compare.get("b"),
+                                                            self.compare.get("variant"), entry.get("variant")):
+            raise ClaimError(f"{self.where}: pretraining_gain is a pretrained variant's gain over scratch; "
+                             "'scratch' has none")
+
+    def check_variants(self) -> None:
+        """Raise a ClaimError for a variant the run's sweeps do not define."""
+        compare = self.compare
+        named = [compare.get("a"), compare.get("b"), compare.get("variant"), self.entry.get("variant"),
+                 *(compare["values"] if compare["type"] == "trend" and compare.get("over", "variants") == "variants"
+                   else [])]
+        for variant in filter(None, named):
+            self.run_variant(variant)
 
     def run_variant(self, variant: str) -> str:
         if variant == SCRATCH:
@@ -70,7 +91,9 @@ class Claim:
         return float(value)
 
     def samples(self, runs, pretraining, variant: str, fraction=None):
-        """The metric's values for one variant (and label fraction), indexed by the seeds that pair them."""
+        """The metric's values for one variant (and label fraction), one per independent unit, indexed by
+        its seed: a pretraining run (its fine-tuning runs share its encoder, so they are averaged into
+        one value), or a scratch run's fine-tuning seed."""
         if self.metric in ("linear_probe_accuracy", "knn_accuracy"):
             column = "linear_accuracy" if self.metric == "linear_probe_accuracy" else "knn_accuracy"
             rows = pretraining[(pretraining["objective"] == self.objective)
@@ -90,10 +113,14 @@ class Claim:
                     if missing:
                         raise ClaimError(f"{self.where}: pretraining_gain needs scratch runs of fine-tuning seeds "
                                          f"{sorted(missing)} at fraction {self.fraction(fraction)}")
+                    # Against the scratch run of the same fine-tuning seed: the same labeled subset.
                     values = values - scratch.reindex(values.index.get_level_values("seed")).to_numpy()
+                values = values.groupby(level="pretrain_seed").mean()
         if values.empty:
-            raise ClaimError(f"{self.where}: no runs of variant '{variant}' (objective {self.objective}"
-                             + (f", fraction {fraction}" if fraction is not None else "") + ") in the results")
+            where = "" if self.metric in ("linear_probe_accuracy", "knn_accuracy") else \
+                f", fraction {self.fraction(fraction)}"
+            raise ClaimError(f"{self.where}: no runs of variant '{variant}' (objective {self.objective}{where}) "
+                             "in the results")
         return values.sort_index()
 
     def evaluate(self, runs, pretraining) -> dict:
@@ -117,7 +144,7 @@ class Claim:
                 groups = {f"{100 * float(f):g}% labels": self.samples(runs, pretraining, variant, f) for f in values}
             else:
                 groups = {v: self.samples(runs, pretraining, v) for v in values}
-            sign = 1 if compare.get("direction", "increasing") == "increasing" else -1
+            sign = -1 if compare.get("direction") == "decreasing" else 1
             result = statistics.increasing([sign * g.to_numpy() for g in groups.values()], self.alpha)
             if sign < 0:  # the test ran on the negated metric: report the slope of the metric itself
                 result.update(difference=-result["difference"], ci_low=-result["ci_high"],

@@ -92,6 +92,9 @@ def greater(a, b, paired: bool, alpha: float = 0.05, confidence: float = 0.95) -
 
 def increasing(groups: list, alpha: float = 0.05, confidence: float = 0.95) -> dict:
     """Does the metric grow along the ordered variants? groups: per-variant lists of values."""
+    if min(len(values) for values in groups) < 2:  # the residual would be lack of fit, not seed noise
+        return too_few("t-test of the least-squares slope on the variant rank",
+                       float(np.mean(groups[-1]) - np.mean(groups[0])))
     ranks = np.concatenate([np.full(len(values), rank, dtype=float) for rank, values in enumerate(groups)])
     values = np.concatenate([np.asarray(values, dtype=float) for values in groups])
     fit = stats.linregress(ranks, values)

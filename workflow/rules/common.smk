@@ -8,7 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from ssl_pipeline.config import validate_config
 from ssl_pipeline.raw_files import all_raw_paths
 from ssl_pipeline.settings import OBJECTIVE_SECTIONS, rule_settings
-from ssl_pipeline.sweeps import pretraining_variants, run_name, sweep_variants
+from ssl_pipeline.sweeps import applies_to, pretraining_variants, run_name, sweep_variants
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
@@ -85,7 +85,9 @@ def fraction_name(fraction):
 def pretraining_runs(variants=None):
     """Every pretraining run of the config: objective x variant x pretraining seed, as PRETRAINING paths."""
     variants = pretraining_variants(config) if variants is None else variants
-    return expand(PRETRAINING, objective=OBJECTIVES, variant=variants, pretrain_seed=config["pretrain"]["seeds"])
+    return [PRETRAINING.format(objective=objective, variant=variant, pretrain_seed=seed)
+            for objective in OBJECTIVES for variant in variants if applies_to(config, variant, objective)
+            for seed in config["pretrain"]["seeds"]]
 
 
 def finetuned_variants():
