@@ -75,7 +75,7 @@ def test_cifar10_experiment_with_colour_and_a_resnet18_small_stem(tmp_path, http
     workdir, card = run_experiment(tmp_path, url, "cifar10", archive_of("cifar10", routes, tmp_path, members))
     assert card["image_shape"] == [3, 32, 32] and card["num_classes"] == 10 and card["format"] == "cifar_binary"
     assert card["class_names"][:2] == ["class0", "class1"]
-    log = (workdir / "results" / "logs" / "pretrain" / "simclr.log").read_text()
+    log = (workdir / "results" / "logs" / "pretrain" / "simclr" / "base" / "seed0.log").read_text()
     assert "encoder resnet18 (small-image stem): 11,168,832 parameters, 512 features, 1.11 GFLOP per 3x32x32 image" in log
     assert routes.count("/data/cifar-10-binary.tar.gz") == 1
 
@@ -100,10 +100,10 @@ def test_stl10_experiment_pretrains_on_its_unlabeled_split_too(tmp_path, http_se
     workdir, card = run_experiment(tmp_path, url, "stl10", archive_of("stl10", routes, tmp_path, members))
     assert card["image_shape"] == [3, 96, 96] and card["unlabeled"]["count"] == 50
     assert card["splits"]["train"]["count"] == 30
-    log = (workdir / "results" / "logs" / "pretrain" / "simclr.log").read_text()
+    log = (workdir / "results" / "logs" / "pretrain" / "simclr" / "base" / "seed0.log").read_text()
     assert "adding 50 unlabeled images to the 30 training images" in log
     assert "pretraining simclr on 80 images" in log
-    knn = json.loads((workdir / "results" / "evaluate" / "knn" / "simclr.json").read_text())
+    knn = json.loads((workdir / "results" / "evaluate" / "knn" / "simclr" / "base" / "seed0.json").read_text())
     assert knn["memory_bank_size"] == 30  # the labeled train split only, never the unlabeled images
     assert routes.count("/data/stl10_binary.tar.gz") == 1  # one archive serves both
 

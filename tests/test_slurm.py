@@ -210,7 +210,7 @@ def test_a_cancelled_job_stops_at_a_step_then_the_rerun_retries_a_failed_job_and
     run = subprocess.Popen([sys.executable, "-m", "snakemake", *arguments, "--retries", "0"], cwd=workdir,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=tool_env())
-    log = workdir / "results" / "logs" / "pretrain" / "simclr.log"
+    log = workdir / "results" / "logs" / "pretrain" / "simclr" / "base" / "seed0.log"
     try:
         cancelled = running_job_of_rule("pretrain", workdir)
         wait_for_line(log, "pretraining simclr on")
@@ -292,8 +292,8 @@ def test_a_job_near_its_time_limit_stops_itself_and_its_retry_resumes_to_the_sam
     stops = re.findall(r"pretrain simclr stopped at epoch (\d+), step (\d+) of 8, 50 s before its Slurm job's time "
                        "limit", output)
     assert len(stops) == len(attempts) - 1, output  # the failed attempts' logs, as Snakemake shows them
-    log = (workdir / "results" / "logs" / "pretrain" / "simclr.log").read_text()
+    log = (workdir / "results" / "logs" / "pretrain" / "simclr" / "base" / "seed0.log").read_text()
     epoch, step = stops[-1]
     assert f"resuming from results/resume/pretrain/simclr/base/seed0.pt after epoch {epoch}, step {step} of 8" in log
-    assert not (workdir / "results" / "resume" / "pretrain" / "simclr.pt").exists()
+    assert not (workdir / "results" / "resume" / "pretrain" / "simclr" / "base" / "seed0.pt").exists()
     assert_same_encoder(workdir, reference)
