@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ssl_pipeline.artifacts import atomic_path, write_json, write_text  # noqa: E402
 from ssl_pipeline.claims.statistics import describe  # noqa: E402
 from ssl_pipeline.html_table import write_html_table  # noqa: E402
-from ssl_pipeline.results_table import SCRATCH, mean_std_n, method_name, runs_frame  # noqa: E402
+from ssl_pipeline.results_table import SCRATCH, method_name, runs_frame  # noqa: E402
 
 log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["init", "objective", "variant", "pretrain_seed", "label_fraction", "seed", "mode",
@@ -58,17 +58,13 @@ def write_summary(path, rows) -> None:
 def aggregate(run_metrics) -> dict:
     """(method, label_fraction) -> {mean, std, n, ci_low, ci_high, labeled_images}, over every seed of the
     method (pretraining and fine-tuning seeds alike); std is the sample std, the CI t-based at 95 %."""
-    runs = runs_frame(run_metrics)
-    table = mean_std_n(runs, ["method", "label_fraction"], "test_accuracy")
-    images = runs.groupby(["method", "label_fraction"], sort=False)["labeled_images"].first()
     result = {}
-    for row in table.itertuples(index=False):
-        values = runs.loc[(runs["method"] == row.method) & (runs["label_fraction"] == row.label_fraction),
-                          "test_accuracy"]
+    for key, group in runs_frame(run_metrics).groupby(["method", "label_fraction"], sort=False):
+        values = group["test_accuracy"]
         interval = describe(values.to_numpy())
-        result[(row.method, row.label_fraction)] = {
-            "mean": float(row.mean), "std": float(row.std), "n": int(row.n), "ci_low": interval["ci_low"],
-            "ci_high": interval["ci_high"], "labeled_images": int(images[(row.method, row.label_fraction)])}
+        result[key] = {"mean": float(values.mean()), "std": float(values.std()), "n": len(values),
+                       "ci_low": interval["ci_low"], "ci_high": interval["ci_high"],
+                       "labeled_images": int(group["labeled_images"].iloc[0])}
     return result
 
 

@@ -7,7 +7,7 @@ seeds are both seeds of the pipeline: the statistics of a method pool them.
 import pandas as pd
 
 SCRATCH = "scratch"
-BASE = "base"
+BASE = "base"  # ssl_pipeline.sweeps.BASE, not imported: that module needs Snakemake, the report's env has none
 RUN_COLUMNS = ["init", "objective", "variant", "pretrain_seed", "label_fraction", "seed", "accuracy", "labeled_images"]
 
 
@@ -46,8 +46,3 @@ def pretraining_frame(knn: list, linear: list) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame["method"] = [method_name(o, v) for o, v in zip(frame["objective"], frame["variant"])]
     return frame
-
-
-def mean_std_n(frame: pd.DataFrame, by: list, value: str) -> pd.DataFrame:
-    """Per group of `by`: mean, sample std (NaN for one run) and n of `value`."""
-    return frame.groupby(by, sort=False)[value].agg(mean="mean", std="std", n="count").reset_index()
