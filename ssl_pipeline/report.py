@@ -220,7 +220,8 @@ def pretraining_table(pretraining: dict) -> list:
         last = run["curve"][-1]
         collapsed = str(last.get("collapsed")) == "True"
         name = f"**{label}: COLLAPSED**" if collapsed else label
-        linear = f"{run['linear']['accuracy']:.4f}" if run.get("linear") else "—"
+        linear = "—" if not run.get("linear") else f"{run['linear']['accuracy']:.4f}" + (
+            "" if run["linear"].get("converged", True) else " (**not converged**)")
         lines.append(f"| {name} | {last['epoch']} | {float(last['loss']):.4f} | {float(last['embedding_std']):.4f} | "
                      f"{run['knn']['encoder_accuracy']:.4f} | {linear} | {float(last['elapsed_seconds']):.0f} s | "
                      f"{float(last['images_per_second']):.0f} |")
@@ -327,7 +328,8 @@ def build_report(run_metrics, finetune_curves, pretraining, card, settings, out_
         "",
         "## Self-supervised encoders: kNN and linear probes, and cost",
         "",
-        "Linear probe: a multinomial logistic regression fitted to convergence (L-BFGS) on the frozen "
+        "Linear probe: a multinomial logistic regression fitted to convergence (whitened features, L-BFGS; a fit "
+        "that stopped at its iteration cap is marked **not converged**) on the frozen "
         "encoder's standardised features of the labeled training images, test accuracy (SimCLR's linear "
         f"evaluation). Weighted kNN (k={knn['k']}, cosine similarity, temperature {knn['temperature']}) on the test set, "
         f"with the {knn['memory_bank_size']} labeled training images as memory bank. Embedding std: the "

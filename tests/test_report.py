@@ -47,6 +47,16 @@ def test_a_collapsed_objective_is_flagged_beside_a_healthy_one():
     assert collapse_notes({"simclr": pretraining["simclr"]}) == []
 
 
+def test_a_linear_probe_that_did_not_converge_is_marked():
+    pretraining = {"simclr": {"curve": curve(False, 0.2), "knn": knn("simclr", 0.86),
+                              "linear": {"accuracy": 0.81, "converged": False}},
+                   "byol": {"curve": curve(False, 0.2), "knn": knn("byol", 0.85),
+                            "linear": {"accuracy": 0.8, "converged": True}}}
+    table = pretraining_table(pretraining)
+    assert "| 0.8600 | 0.8100 (**not converged**) | 200 s |" in table[2]
+    assert "| 0.8500 | 0.8000 | 200 s |" in table[3]
+
+
 def test_variants_are_methods_of_their_own_and_seeds_of_both_stages_pool_with_a_t_interval():
     runs = [run("pretrained", "simclr", 1.0, seed, 0.80 + seed / 100 + pretrain_seed / 50,
                 pretrain_seed=pretrain_seed) for seed in (0, 1) for pretrain_seed in (0, 1)]
