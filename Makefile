@@ -13,12 +13,12 @@ CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).
 VERSIONING := $(PYTHON) -m ssl_pipeline.versioning
 
 .PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
-	time-to-accuracy gpu-check
+	time-to-accuracy race gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
-$(VENV)/installed: requirements.txt
+$(VENV)/installed: requirements.txt requirements-benchmark.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
@@ -60,15 +60,18 @@ push: $(VENV)/installed  ## dvc push outputs to the DVC remote
 pull: $(VENV)/installed  ## dvc pull outputs, then make Snakemake see them as up to date
 	$(VERSIONING) pull
 
-bench: $(VENV)/installed  ## training speed: ours against the PIL + DataLoader recipe (about 3 min on 2 CPUs)
+bench: $(VENV)/installed  ## training speed: ours against the PIL + DataLoader recipe and lightly's (about 4 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark speed --out results/performance/speed.json
 
-bench-tiny: $(VENV)/installed  ## the speed benchmark on 512 images, in about 20 s
+bench-tiny: $(VENV)/installed  ## the speed benchmark (lightly rows too) on 512 images, in about 25 s
 	$(PYTHON) -m ssl_pipeline.benchmark speed --tiny --out results/performance/speed-tiny.json
 
 time-to-accuracy: $(VENV)/installed  ## supervised training until test accuracy reaches 0.90, then 0.92
 	$(PYTHON) -m ssl_pipeline.benchmark time-to-accuracy --epochs 12 --time-limit 600 \
 		--out results/performance/time_to_accuracy.json
+
+race: $(VENV)/installed  ## SimCLR pretraining, ours against lightly: kNN accuracy per epoch, time to a target (about 15 min on 2 CPUs)
+	$(PYTHON) -m ssl_pipeline.benchmark race --out results/performance/race.json
 
 gpu-check: $(VENV)/installed  ## prove the CUDA path on an NVIDIA GPU: benchmark, time to 0.92, DAGs, tests
 	$(PYTHON) -m ssl_pipeline.gpu_check

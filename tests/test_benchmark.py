@@ -1,5 +1,6 @@
 """The benchmark command: tiny runs write complete figures, and the reference it compares with trains the
 same model, on the same loss and batch size, with augmentations like ours."""
+import importlib.metadata
 import json
 import math
 import os
@@ -14,6 +15,8 @@ from torch.utils.data import default_collate
 
 from ssl_pipeline import benchmark, reference, roofline
 from ssl_pipeline.augment import contrastive_view, supervised_view
+from ssl_pipeline.benchmark import peer
+from ssl_pipeline.benchmark.data import CONSTANT_SCHEDULE_STEPS
 from ssl_pipeline.data import Normalizer
 from ssl_pipeline.finetune import supervised_loss
 from ssl_pipeline.preprocess import normalization_statistics
@@ -72,7 +75,7 @@ MEASUREMENT_FIELDS = {"stage", "objective", "implementation", "workers", "batch_
 # ---------------------------------------------------------------------------------------------------
 
 def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
-    """Eager, compiled and reference rows, each with its FLOPs, TFLOP/s and fraction of the roof."""
+    """Eager, compiled, reference and lightly rows, each with its FLOPs, TFLOP/s and fraction of the roof."""
     out = tmp_path / "speed.json"
     table = run_benchmark("speed", "--tiny", "--device", "cpu", "--threads", "1", "--configfile",
                           synthetic_override, "--out", out)
@@ -83,10 +86,13 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
     assert roof["precision"] == results["meta"]["precision"] and roof["threads"] == 1
     for name, entry in results["stages"].items():
         stage = name.split()[0]
-        runs = [entry["ours"], entry["ours_compiled"], entry["reference"], *entry["reference_candidates"]]
-        assert [run["compiled"] for run in runs] == [False, True, False, False]
+        assert ("lightly" in entry) == (stage == "pretrain")  # lightly has no fine-tuning row
+        peers = [entry["lightly"], *entry["lightly_candidates"]] if stage == "pretrain" else []
+        runs = [entry["ours"], entry["ours_compiled"], entry["reference"], *entry["reference_candidates"], *peers]
+        assert [run["compiled"] for run in runs] == [False, True, False, False] + [False] * len(peers)
         assert entry["ours_compiled"]["compile_seconds"] > 0 and entry["ours"]["compile_seconds"] is None
-        # One model and loss: the same FLOPs per image whichever way the batches are made.
+        # One model and loss: the same FLOPs per image whichever way the batches are made; lightly's
+        # heads have ours' widths, and BatchNorm, where they differ, counts no FLOPs.
         assert len({run["flops_per_image"] for run in runs}) == 1
         assert entry["compiled_speedup"] == pytest.approx(entry["ours_compiled"]["images_per_second"]
                                                           / entry["reference"]["images_per_second"])
@@ -104,6 +110,20 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
         assert [run["workers"] for run in entry["reference_candidates"]] == [1]
         assert entry["speedup"] == pytest.approx(entry["ours"]["images_per_second"]
                                                  / entry["reference"]["images_per_second"])
+        if peers:
+            lightly = entry["lightly"]
+            assert lightly in entry["lightly_candidates"] and {run["implementation"] for run in peers} == {"lightly"}
+            assert [run["workers"] for run in entry["lightly_candidates"]] == [1]
+            assert lightly["loss"] == "lightly NTXentLoss on two views"
+            assert lightly["batch_size"] == entry["ours"]["batch_size"]
+            # SimCLRProjectionHead: no bias before its BatchNorm, and a BatchNorm in place of the output bias.
+            simclr = benchmark.load_config()["pretrain"]["simclr"]
+            assert lightly["parameters"] - entry["ours"]["parameters"] == (simclr["projection_dim"]
+                                                                         - simclr["projection_hidden_dim"])
+            assert entry["speedup_over_lightly"] == pytest.approx(entry["ours"]["images_per_second"]
+                                                                  / lightly["images_per_second"])
+            assert entry["compiled_speedup_over_lightly"] == pytest.approx(
+                entry["ours_compiled"]["images_per_second"] / lightly["images_per_second"])
     for path, value in numbers(results):
         if any(name in path for name in MAY_BE_ZERO):
             assert value >= 0, f"{path} is {value}"
@@ -111,10 +131,15 @@ def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
             assert value > 0, f"{path} is {value}"
     assert {"date", "command", "device", "device_name", "threads", "precision", "torch", "load_average_before",
             "other_processes_cpu_seconds", "seconds"} <= set(results["meta"])
+    assert results["meta"]["lightly"] == importlib.metadata.version("lightly")
     assert results["meta"]["command"].startswith("python -m ssl_pipeline.benchmark speed --tiny")
     assert "| pretraining simclr (2 views/image) | ours" in table
-    assert ", compiled (" in table and "% of conv roof" in table and "Roof (float32, 1 thread)" in table
+    # The config's precision is auto: bfloat16 on CPUs with AMX or AVX512-BF16, float32 elsewhere.
+    assert ", compiled (" in table and "% of conv roof" in table and f"Roof ({roof['precision']}, 1 thread)" in table
     assert "reference: PIL + DataLoader, 1 worker |" in table
+    assert (f"| lightly {results['meta']['lightly']}: its transforms, heads and loss + DataLoader, 1 worker |"
+            in table)
+    assert "| speed-up over reference | speed-up over lightly |" in table
 
 
 def test_tiny_time_to_accuracy_reports_reached_and_missed_targets(synthetic_override, tmp_path):
@@ -185,7 +210,7 @@ def train_split():
 def build_pair(stage, config, split, batch_size=16):
     """Ours and the reference for `stage`, each built right after seeding, as in the benchmark."""
     trainers = []
-    for implementation in benchmark.IMPLEMENTATIONS:
+    for implementation in ("ours", "reference"):
         runtime = setup_runtime(CPU, benchmark.SEED)
         trainers.append(benchmark.build_trainer(stage, implementation, config, split, runtime, 0, batch_size))
     return trainers, runtime
@@ -268,3 +293,127 @@ def test_reference_erases_as_often_and_as_much_as_ours():
     assert our_share == pytest.approx(0.25, abs=0.05) and their_share == pytest.approx(0.25, abs=0.05)
     # Box area uniform in 2-25% of the image in both: about 13.5% on average.
     assert our_area == pytest.approx(their_area, abs=0.03) and our_area == pytest.approx(0.135, abs=0.03)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lightly's recipe (ssl_pipeline/benchmark/peer.py)
+# ---------------------------------------------------------------------------------------------------
+
+def lightly_head_difference(objective: str, settings: dict) -> int:
+    """lightly's heads' trainable parameters minus ours', as peer.py states them: no bias in a Linear
+    before a BatchNorm, SimCLR's head ends in a BatchNorm instead of a bias, MoCo v2's has no BatchNorm."""
+    if objective == "simclr":
+        mlp = settings["projection_dim"] - settings["projection_hidden_dim"]
+        return {"mlp": mlp, "linear": 0, "none": 0}[settings["projection"]]
+    if objective == "byol":
+        return -settings["projection_hidden_dim"] - settings["prediction_hidden_dim"]
+    width = {"vicreg": "expander_dim", "barlow_twins": "projection_dim", "moco_v2": "projection_hidden_dim"}
+    return -2 * settings[width[objective]]
+
+
+def ours_and_lightly(split, objective, projection="mlp", total_steps=CONSTANT_SCHEDULE_STEPS):
+    """(config, ours, lightly) for pretraining with `objective`, each trainer built right after seeding."""
+    config = benchmark.load_config()
+    config["pretrain"]["objective"] = objective
+    config["pretrain"]["simclr"]["projection"] = projection
+    trainers = []
+    for implementation in ("ours", "lightly"):
+        runtime = setup_runtime(CPU, benchmark.SEED)
+        trainers.append(benchmark.build_trainer("pretrain", implementation, config, split, runtime, 0, 16,
+                                                total_steps=total_steps))
+    return config, *trainers
+
+
+@pytest.mark.parametrize("objective, projection", [("simclr", "mlp"), ("simclr", "linear"), ("simclr", "none"),
+                                                   ("byol", "mlp"), ("vicreg", "mlp"), ("barlow_twins", "mlp"),
+                                                   ("moco_v2", "mlp")])
+def test_lightly_trainer_takes_a_step_with_our_backbone_and_heads_of_our_sizes(objective, projection, train_split):
+    config, ours, lightly = ours_and_lightly(train_split, objective, projection)
+
+    assert (lightly.stage, lightly.implementation, lightly.batch_size, lightly.images_per_step) == \
+        ("pretrain", "lightly", 16, 32)
+    encoder = lightly.modules[0]
+    assert repr(encoder) == repr(ours.modules[0])  # the same backbone, with the same initial weights
+    for (name, tensor), (_, other) in zip(encoder.state_dict().items(), ours.modules[0].state_dict().items()):
+        torch.testing.assert_close(tensor, other, msg=name)
+    assert benchmark.parameter_count(lightly) - benchmark.parameter_count(ours) == \
+        lightly_head_difference(objective, config["pretrain"][objective])
+
+    before = [p.detach().clone() for p in encoder.parameters()]
+    with torch.profiler.profile() as profiler:
+        lightly.step()
+    assert {"batch", "forward", "update"} <= {event.key for event in profiler.key_averages()}
+    assert all(torch.isfinite(p).all() for p in encoder.parameters())
+    changed = sum(not torch.equal(old, new) for old, new in zip(before, encoder.parameters()))
+    assert changed > len(before) // 2  # AdamW moved the backbone
+
+
+@pytest.mark.parametrize("objective", ["byol", "moco_v2"])
+def test_momentum_targets_follow_the_schedule_of_total_steps(objective, train_split):
+    """Over a 2-step schedule BYOL's target momentum rises from base to 1, so the second update leaves the
+    target as the first left it; MoCo's constant momentum moves it again. Ours and lightly's alike."""
+    for trainer in ours_and_lightly(train_split, objective, total_steps=2)[1:]:
+        ours_moco = trainer.implementation == "ours" and objective == "moco_v2"
+        target = getattr(trainer.modules[1], "key_encoder" if ours_moco else "target_encoder")
+        snapshots = [[p.detach().clone() for p in target.parameters()]]
+        for _ in range(2):
+            trainer.step()
+            snapshots.append([p.detach().clone() for p in target.parameters()])
+        moved = [not all(map(torch.equal, old, new)) for old, new in zip(snapshots, snapshots[1:])]
+        assert moved == ([True, False] if objective == "byol" else [True, True]), trainer.implementation
+
+
+MEAN, STD = [0.2, 0.3, 0.4], [0.25, 0.3, 0.35]
+LIGHTLY_IDENTITY = {**IDENTITY_AUGMENT["pretrain"], "color_jitter": {"probability": 0.0}, "grayscale_probability": 0.0}
+
+
+def lightly_views(image, augment, count, objective="simclr"):
+    """`count` views (count / 2 draws of two) of lightly's transform of one uint8 image (1, C, H, W),
+    standardised with MEAN and STD, and back in [0, 1] units."""
+    channels = image.shape[1]
+    mean, std = MEAN[:channels], STD[:channels]
+    transform = peer.lightly_transform(objective, augment, mean, std, list(image.shape[2:]), channels)
+    dataset = reference.TutorialDataset(image, None, transform)
+    torch.manual_seed(0)
+    views = torch.stack([view for _ in range(count // 2) for view in dataset[0][0]])
+    return views * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("objective", ["simclr", "byol", "vicreg", "barlow_twins", "moco_v2"])
+def test_lightly_views_are_our_standardised_images_without_augmentation(objective, channels):
+    """Two float32 (C, H, W) views standardised with the mean and std we give (not ImageNet's): with every
+    augmentation off, each is the image itself."""
+    image = np.random.default_rng(0).integers(0, 256, (1, channels, 28, 28), dtype=np.uint8)
+    views = lightly_views(image, LIGHTLY_IDENTITY, 2, objective)
+    assert views.dtype == torch.float32 and views.shape == (2, channels, 28, 28)
+    torch.testing.assert_close(views, torch.from_numpy(image).float().expand(2, -1, -1, -1) / 255, rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("smallest", [0.3, 0.6])
+def test_lightly_crops_keep_the_share_of_the_area_we_ask_for(smallest):
+    """Red ramps along the columns and green along the rows: a view's spread of each is the share of the
+    width and height its crop kept, their product the share of the area: within crop_scale [smallest, 1]."""
+    ramp = np.arange(64, dtype=np.uint8) * 4
+    image = np.zeros((1, 3, 64, 64), dtype=np.uint8)
+    image[0, 0], image[0, 1] = ramp[None, :], ramp[:, None]
+    views = lightly_views(image, {**LIGHTLY_IDENTITY, "crop_scale": [smallest, 1.0], "flip": True}, 400)
+
+    def kept(channel):  # (N, H, W) -> share of the ramp's length in each view
+        return (channel.amax(dim=(1, 2)) - channel.amin(dim=(1, 2))) * 255 / 4 / 63
+    area = kept(views[:, 0]) * kept(views[:, 1])
+    assert area.min() > smallest - 0.05 and area.max() < 1.01
+    assert (area < smallest + 0.1).float().mean() > 0.05  # and the smallest crops do occur
+
+
+def test_lightly_views_are_erased_as_often_and_as_much_as_ours():
+    """torchvision's RandomErasing after lightly's views: black boxes (0 before standardising, as ours) in a
+    quarter of the views, 2-25 % of the image, about 13.5 % on average."""
+    views = lightly_views(np.full((1, 1, 28, 28), 255, dtype=np.uint8), {**LIGHTLY_IDENTITY, "erase_probability": 0.25},
+                          1000)
+    black = views.abs() < 1e-5
+    assert (black | ((views - 1).abs() < 1e-5)).all()  # black or the white image, nothing else
+    erased = black.float().mean(dim=(1, 2, 3))
+    assert (erased > 0).float().mean().item() == pytest.approx(0.25, abs=0.05)
+    assert erased[erased > 0].mean().item() == pytest.approx(0.135, abs=0.03)

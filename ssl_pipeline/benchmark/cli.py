@@ -6,10 +6,12 @@ from pathlib import Path
 
 from ssl_pipeline import benchmark
 from ssl_pipeline.artifacts import write_json, write_text
+from ssl_pipeline.benchmark import race as race_mode
 from ssl_pipeline.benchmark.accuracy import accuracy_table, time_to_accuracy
 from ssl_pipeline.benchmark.data import IMPLEMENTATIONS, STAGES, TINY, Plan, default_raw_dir, load_config
 from ssl_pipeline.benchmark.profile import profile
 from ssl_pipeline.benchmark.speed import default_worker_counts, speed, speed_table
+from ssl_pipeline.objectives import OBJECTIVES
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"(default {default_worker_counts()} here; --tiny: 1)")
     speed_mode.add_argument("--no-compiled", dest="compiled", action="store_false",
                             help="leave out the row of ours compiled with torch.compile")
+    speed_mode.add_argument("--no-lightly", dest="lightly", action="store_false",
+                            help="leave out the pretraining rows of lightly's recipe (benchmark/peer.py), "
+                                 "which runs once per --workers count, as the reference")
     speed_mode.add_argument("--repetitions", type=int, default=Plan.repetitions)
     speed_mode.add_argument("--repetition-seconds", type=float, default=Plan.repetition_seconds,
                             help="length of each timed repetition")
@@ -63,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     profile_mode.add_argument("--implementation", choices=IMPLEMENTATIONS, required=True)
     profile_mode.add_argument("--workers", type=int, default=0)
     profile_mode.add_argument("--steps", type=int, default=10)
+
+    race = modes.add_parser("race", help="kNN accuracy after each pretraining epoch, ours against lightly")
+    common(race)
+    race.add_argument("--out", type=Path, required=True, help="JSON of both curves and the times to the target")
+    race.add_argument("--plot", type=Path, default=None, help="PNG of both curves (default: --out with .png)")
+    race.add_argument("--objective", choices=sorted(OBJECTIVES), default="simclr", help="default %(default)s")
+    race.add_argument("--epochs", type=int, default=None,
+                      help=f"pretraining epochs of each, the schedule's length (default {race_mode.DEFAULT_EPOCHS}; "
+                           "--tiny: 2)")
+    race.add_argument("--images", type=int, default=None,
+                      help=f"train images: pretraining set and kNN memory bank (default {race_mode.DEFAULT_IMAGES:,}; "
+                           f"--tiny: {TINY.images})")
+    race.add_argument("--test-images", type=int, default=None,
+                      help=f"test images the kNN probe classifies (default {race_mode.DEFAULT_TEST_IMAGES:,}; "
+                           f"--tiny: {TINY.images})")
+    race.add_argument("--workers", type=int, default=race_mode.DEFAULT_WORKERS,
+                      help="DataLoader workers of lightly's trainer (default %(default)s: the fastest here)")
+    race.add_argument("--target", type=float, default=None,
+                      help="kNN accuracy to time both to (default: the lower of the two final accuracies)")
     return parser
 
 
@@ -81,7 +105,8 @@ def main(argv=None) -> int:
         plan = dataclasses.replace(plan, repetitions=args.repetitions, repetition_seconds=(
             plan.repetition_seconds if args.tiny else args.repetition_seconds))
         workers = args.workers or ([1] if args.tiny else default_worker_counts())
-        results = speed(config, raw_dir, compute, plan, workers, tuple(args.stages), log, args.compiled)
+        results = speed(config, raw_dir, compute, plan, workers, tuple(args.stages), log, args.compiled,
+                        args.lightly)
         results["meta"]["command"] = command
         write_json(args.out, results)
         print(speed_table(results))
@@ -93,6 +118,16 @@ def main(argv=None) -> int:
         results["meta"]["command"] = command
         write_json(args.out, results)
         print(accuracy_table(results))
+    elif args.mode == "race":
+        results = race_mode.race(
+            config, raw_dir, compute, args.objective, args.epochs or (2 if args.tiny else race_mode.DEFAULT_EPOCHS),
+            args.images or (plan.images if args.tiny else race_mode.DEFAULT_IMAGES),
+            args.test_images or (plan.images if args.tiny else race_mode.DEFAULT_TEST_IMAGES), args.workers,
+            plan.batch_size, args.target, log)
+        results["meta"]["command"] = command
+        write_json(args.out, results)
+        race_mode.plot_race(results, args.plot or args.out.with_suffix(".png"))
+        print(race_mode.race_table(results))
     else:
         table = profile(config, raw_dir, compute, args.stage, args.implementation, args.workers, args.steps,
                         plan)

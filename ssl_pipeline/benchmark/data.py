@@ -14,7 +14,8 @@ BASE_CONFIG = REPO / "config" / "config.yaml"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DOWNLOADED = REPO / "results" / "raw"  # where the pipeline's download rule puts the IDX files
 STAGES = ("pretrain", "finetune")
-IMPLEMENTATIONS = ("ours", "reference")
+# lightly: the peer library's recipe (peer.py), pretraining only.
+IMPLEMENTATIONS = ("ours", "reference", "lightly")
 MIB = 2 ** 20
 SEED = 0
 # Speed does not depend on the learning rate; a schedule this long keeps it at its peak while we time.

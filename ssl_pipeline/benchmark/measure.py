@@ -54,6 +54,7 @@ def measure(stage, implementation, workers, config, raw_dir, compute, plan: Plan
     runtime = setup_runtime(compute, SEED)
     device = runtime.device
     train = load_split(raw_dir, config, "train", plan.images)
+    # build_trainer hands "lightly" to peer.build_lightly_trainer, which imports lightly in this process.
     trainer = build_trainer(stage, implementation, config, train, runtime, workers, plan.batch_size)
 
     # Warm-up: worker start-up, allocator and cudnn autotuning. Its last steps size the repetitions.

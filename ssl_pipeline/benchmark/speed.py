@@ -1,4 +1,4 @@
-"""Speed mode: every measured step, ours (eager and compiled) and the reference, against the roof."""
+"""Speed mode: every measured step, ours (eager and compiled), the reference and lightly, against the roof."""
 import importlib.metadata
 import os
 import platform
@@ -75,10 +75,21 @@ def add_efficiency(run: dict, roof: dict) -> dict:
     return {**run, **efficiency(run["flops_per_image"], run["images_per_second"], roof)}
 
 
+def fastest_of(stage, implementation, name, step_config, raw_dir, compute, plan, worker_counts, roof, log):
+    """(fastest, all): one measurement per DataLoader worker count."""
+    candidates = []
+    for workers in worker_counts:
+        log(f"{name}: {implementation}, {workers} DataLoader workers")
+        candidates.append(add_efficiency(
+            measure_in_child(stage, implementation, workers, step_config, raw_dir, compute, plan), roof))
+    return max(candidates, key=lambda candidate: candidate["images_per_second"]), candidates
+
+
 def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stages=STAGES, log=print,
-          compiled=True) -> dict:
-    """Every measured step eager ("ours"), compiled ("ours, compiled", unless compiled=False) and as the
-    reference with each worker count; each with its FLOPs and its fraction of the roof measured first."""
+          compiled=True, lightly=True) -> dict:
+    """Every measured step eager ("ours"), compiled ("ours, compiled", unless compiled=False), as the
+    reference and, in pretraining, as lightly (unless lightly=False) with each worker count; each with
+    its FLOPs and its fraction of the roof measured first."""
     load = MachineLoad()
     roof = machine_roof(compute, plan, log)
     if compiled and not str(compute.get("device", "auto")).startswith("cuda") and not has_cxx_compiler():
@@ -94,16 +105,20 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
             log(f"{name}: ours, compiled")
             entry["ours_compiled"] = add_efficiency(
                 measure_in_child(stage, "ours", 0, step_config, raw_dir, compile_on, plan), roof)
-        candidates = []
-        for workers in worker_counts:
-            log(f"{name}: reference, {workers} DataLoader workers")
-            candidates.append(add_efficiency(
-                measure_in_child(stage, "reference", workers, step_config, raw_dir, eager, plan), roof))
-        best = max(candidates, key=lambda candidate: candidate["images_per_second"])
+        best, candidates = fastest_of(stage, "reference", name, step_config, raw_dir, eager, plan, worker_counts,
+                                      roof, log)
         entry.update({"reference": best, "reference_candidates": candidates,
                       "speedup": ours["images_per_second"] / best["images_per_second"]})
         if compiled:
             entry["compiled_speedup"] = entry["ours_compiled"]["images_per_second"] / best["images_per_second"]
+        if lightly and stage == "pretrain":  # lightly has no fine-tuning recipe to compare with
+            peer, candidates = fastest_of(stage, "lightly", name, step_config, raw_dir, eager, plan, worker_counts,
+                                          roof, log)
+            entry.update({"lightly": peer, "lightly_candidates": candidates,
+                          "speedup_over_lightly": ours["images_per_second"] / peer["images_per_second"]})
+            if compiled:
+                entry["compiled_speedup_over_lightly"] = (entry["ours_compiled"]["images_per_second"]
+                                                          / peer["images_per_second"])
         results[name] = entry
     first = next(iter(results.values()))["ours"]
     meta = {
@@ -114,6 +129,7 @@ def speed(config: dict, raw_dir, compute: dict, plan: Plan, worker_counts, stage
         "precision": first["precision"],
         "torch": torch.__version__,
         "torchvision": importlib.metadata.version("torchvision"),
+        "lightly": importlib.metadata.version("lightly") if lightly else None,
         "python": platform.python_version(),
         **load.summary(),
         "raw_dir": str(raw_dir),
@@ -132,33 +148,47 @@ def threads(count: int) -> str:
     return f"{count} thread{'' if count == 1 else 's'}"
 
 
-def implementation_name(run: dict) -> str:
+def workers_of(run: dict) -> str:
+    return f"{run['workers']} worker{'' if run['workers'] == 1 else 's'}"
+
+
+def implementation_name(run: dict, lightly_version: str = None) -> str:
     if run["implementation"] == "ours":
         compiled = f", compiled ({run['compile_seconds']:.0f} s to compile)" if run["compiled"] else ""
         return f"ours: uint8 on device, batched augmentation{compiled}"
-    workers = run["workers"]
-    return f"reference: PIL + DataLoader, {workers} worker{'' if workers == 1 else 's'}"
+    if run["implementation"] == "lightly":
+        return f"lightly {lightly_version}: its transforms, heads and loss + DataLoader, {workers_of(run)}"
+    return f"reference: PIL + DataLoader, {workers_of(run)}"
+
+
+def ratio(run: dict, best: dict) -> str:
+    """run's images/s over the fastest setting `best`; ours in bold."""
+    if best is None:
+        return "–"
+    if run == best:  # == rather than is: the same whether the figures come from memory or from JSON
+        return "1.00× (fastest)"
+    value = run["images_per_second"] / best["images_per_second"]
+    return f"**{value:.2f}×**" if run["implementation"] == "ours" else f"{value:.2f}×"
 
 
 def speed_table(results: dict) -> str:
-    """Markdown: one row per measurement; the speed-up is over the fastest reference setting, and the
-    roof is the convolution's of ssl_pipeline/roofline.py, measured in the same run."""
+    """Markdown: one row per measurement; the speed-ups are over the fastest reference and the fastest
+    lightly setting of the step (ours / lightly in the last column), and the roof is the convolution's
+    of ssl_pipeline/roofline.py, measured in the same run."""
     rows = ["| step | implementation | images/s (mean ± sd) | FLOPs/image | TFLOP/s | % of conv roof "
-            "| peak RSS MiB | PSS MiB | CUDA peak MiB | speed-up |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| peak RSS MiB | PSS MiB | CUDA peak MiB | speed-up over reference | speed-up over lightly |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    version = results["meta"].get("lightly")
     for stage, entry in results["stages"].items():
         label = "fine-tuning" if stage == "finetune" else f"pretraining {stage.split()[1]} (2 views/image)"
-        best = entry["reference"]
         runs = [entry["ours"]] + ([entry["ours_compiled"]] if "ours_compiled" in entry else [])
-        for run in runs + entry["reference_candidates"]:
-            speedup = run["images_per_second"] / best["images_per_second"]
-            speedup = "1.00× (fastest)" if run is best else \
-                f"**{speedup:.2f}×**" if run["implementation"] == "ours" else f"{speedup:.2f}×"
+        for run in runs + entry["reference_candidates"] + entry.get("lightly_candidates", []):
             cuda = "–" if run["cuda_peak_allocated_mib"] is None else f"{run['cuda_peak_allocated_mib']:.0f}"
-            rows.append(f"| {label} | {implementation_name(run)} | {run['images_per_second']:,.0f} ± "
+            rows.append(f"| {label} | {implementation_name(run, version)} | {run['images_per_second']:,.0f} ± "
                         f"{run['images_per_second_std']:,.0f} | {describe_flops(run['flops_per_image'])} | "
                         f"{run['tflops']:.3f} | {100 * run['fraction_of_conv_roof']:.0f} % | "
-                        f"{run['host_peak_rss_mib']:.0f} | {run['host_pss_mib']:.0f} | {cuda} | {speedup} |")
+                        f"{run['host_peak_rss_mib']:.0f} | {run['host_pss_mib']:.0f} | {cuda} | "
+                        f"{ratio(run, entry['reference'])} | {ratio(run, entry.get('lightly'))} |")
     meta, roof = results["meta"], results["roof"]
     rows.append("")
     rows.append(f"Roof ({roof['precision']}, {threads(roof['threads'])}): convolution {roof['conv_shape']} "

@@ -1,4 +1,5 @@
-"""The measured steps: one optimisation step of a stage, ours or the reference."""
+"""The measured steps: one optimisation step of a stage, ours or the reference (lightly's: peer.py)."""
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class Trainer:
     # "batch" takes the next batch (the reference's loader loads and augments it here), "forward" runs
     # the model and the loss (ours augments here, on the device), "update" is backward and AdamW.
     step: object
-    loader: object = None  # the reference's DataLoader
+    loader: object = None  # the reference's (or lightly's) DataLoader
 
 
 def pretraining_objective(config: dict) -> str:
@@ -39,13 +40,29 @@ def pretraining_objective(config: dict) -> str:
     return config["pretrain"].get("objective", config["pretrain"]["objectives"][0])
 
 
+def warmup_steps(stage: str, settings: dict, total_steps: int) -> int:
+    """The pipeline's warm-up share of a schedule of `total_steps` (pretrain.py, finetune.py); none in
+    the benchmark's constant schedule. settings: config pretrain or finetune."""
+    if total_steps >= CONSTANT_SCHEDULE_STEPS:
+        return 0
+    share = settings["warmup_epochs"] / settings["epochs"] if stage == "pretrain" else settings["warmup_fraction"]
+    return int(share * total_steps)
+
+
 def build_trainer(stage: str, implementation: str, config: dict, train: Split, runtime, workers: int = 0,
-                  batch_size: int = None) -> Trainer:
-    """Model, loss, optimiser and batch size come from the config and are built the same way for both
-    implementations (and, after the same seed, with the same initial weights); only how batches are
-    made differs."""
+                  batch_size: int = None, total_steps: int = CONSTANT_SCHEDULE_STEPS) -> Trainer:
+    """Model, loss, optimiser and batch size come from the config and are built the same way for ours
+    and the reference (and, after the same seed, with the same initial weights); only how batches are
+    made differs. "lightly" (pretraining only) is peer.build_lightly_trainer. total_steps: length of
+    the warm-up + cosine schedule and of BYOL's momentum schedule; the default keeps both constant."""
     if stage not in STAGES or implementation not in IMPLEMENTATIONS:
         raise ValueError(f"stage must be one of {STAGES} and implementation one of {IMPLEMENTATIONS}")
+    if implementation == "lightly":
+        if stage != "pretrain":
+            raise ValueError("lightly has pretraining rows only")
+        from ssl_pipeline.benchmark.peer import build_lightly_trainer  # imports lightly only when asked for
+
+        return build_lightly_trainer(config, train, runtime, workers, batch_size, total_steps)
     device = runtime.device
     settings = config[stage]
     in_channels, image_shape = train.images.shape[1], train.images.shape[1:]
@@ -63,7 +80,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
     for module in modules:
         module.train()
     optimizer = adamw([p for module in modules for p in module.parameters()], settings)
-    scheduler = warmup_cosine(optimizer, 0, CONSTANT_SCHEDULE_STEPS)
+    scheduler = warmup_cosine(optimizer, warmup_steps(stage, settings, total_steps), total_steps)
     batch_size = min(batch_size or settings["batch_size"], len(train.images))
     pixel_statistics = normalization_statistics(train.images)
     mean, std = pixel_statistics["mean"], pixel_statistics["std"]
@@ -111,12 +128,14 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
                     return reference.contrastive_loss(encoder, objective, inputs, runtime)
                 return reference.supervised_loss(model, inputs, targets, settings["label_smoothing"], runtime)
 
+    steps = itertools.count(1)
+
     def step():
         loss = batch_loss()
         with torch.profiler.record_function("update"):
             optimisation_step(loss, optimizer, scheduler)
-            if stage == "pretrain":
-                objective.after_step(encoder, 1, CONSTANT_SCHEDULE_STEPS)  # momentum targets, where any
+            if stage == "pretrain":  # momentum targets, where any, after step 1, 2, ... of total_steps
+                objective.after_step(encoder, next(steps), total_steps)
 
     trainer.step = step
     return trainer
