@@ -60,7 +60,7 @@ push: $(VENV)/installed  ## dvc push outputs to the DVC remote
 pull: $(VENV)/installed  ## dvc pull outputs, then make Snakemake see them as up to date
 	$(VERSIONING) pull
 
-bench: $(VENV)/installed  ## training speed: ours against the PIL + DataLoader recipe and lightly's (about 4 min on 2 CPUs)
+bench: $(VENV)/installed  ## training speed: ours against the PIL + DataLoader recipe and lightly's (about 7 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark speed --out results/performance/speed.json
 
 bench-tiny: $(VENV)/installed  ## the speed benchmark (lightly rows too) on 512 images, in about 25 s
