@@ -75,7 +75,10 @@ MEASUREMENT_FIELDS = {"stage", "objective", "implementation", "workers", "batch_
 # ---------------------------------------------------------------------------------------------------
 
 def test_tiny_speed_benchmark_writes_every_figure(synthetic_override, tmp_path):
-    """Eager, compiled, reference and lightly rows, each with its FLOPs, TFLOP/s and fraction of the roof."""
+    """Eager, compiled, reference and lightly rows, each with its FLOPs, TFLOP/s and fraction of the roof.
+    Over 60 s (86 s in CI on 2026-12-01): one run of the real command, each of its measurements in a
+    fresh process (torch, and lightly's imports, load in each), and the compiled rows compile; one run
+    checks every row together, which is cheaper than a test per row."""
     out = tmp_path / "speed.json"
     table = run_benchmark("speed", "--tiny", "--device", "cpu", "--threads", "1", "--configfile",
                           synthetic_override, "--out", out)
