@@ -13,7 +13,7 @@ CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).
 VERSIONING := $(PYTHON) -m ssl_pipeline.versioning
 
 .PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
-	time-to-accuracy race gpu-check
+	time-to-accuracy race gpu-check gpu-bundle gpu-rehearsal
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -73,8 +73,14 @@ time-to-accuracy: $(VENV)/installed  ## supervised training until test accuracy 
 race: $(VENV)/installed  ## SimCLR pretraining, ours against lightly: kNN accuracy per epoch, time to a target (about 15 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark race --out results/performance/race.json
 
-gpu-check: $(VENV)/installed  ## prove the CUDA path on an NVIDIA GPU: benchmark, time to 0.92, DAGs, tests
+gpu-check: $(VENV)/installed  ## prove the CUDA path on an NVIDIA GPU: time to 0.92, benchmark, smoke DAG, gpu tests
 	$(PYTHON) -m ssl_pipeline.gpu_check
+
+gpu-bundle: $(VENV)/installed  ## what an offline GPU node lacks (wheels, data, manifest) for gpu-bundle/run there
+	$(PYTHON) -m ssl_pipeline.gpu_bundle --out gpu-bundle
+
+gpu-rehearsal: gpu-bundle  ## gpu-bundle/run here as on the node: Python 3.12, no venv, git, network or data package
+	.ci/gpu-rehearsal
 
 clean:  ## remove results and Snakemake's state (keeps .venv)
 	rm -rf results .snakemake

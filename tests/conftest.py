@@ -22,6 +22,21 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SMOKE = ("--configfile", "config/experiments/smoke.yaml")
 # Tests of what happens on a machine without CUDA; on a GPU machine they are moot.
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
+# Set by the GPU check (ssl_pipeline/gpu_check.py) when it runs the tests: there a missing GPU is an error.
+GPU_CHECK = "SSL_PIPELINE_GPU_CHECK"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tests marked gpu skip where torch finds no CUDA device, before their fixtures touch one; inside
+    the GPU check (SSL_PIPELINE_GPU_CHECK=1) they fail instead, so that a GPU run that lost its GPU
+    cannot pass by skipping them."""
+    if item.get_closest_marker("gpu") is None or torch.cuda.is_available():
+        return
+    if os.environ.get(GPU_CHECK) == "1":
+        pytest.fail(f"{GPU_CHECK}=1 (the GPU check) but CUDA is not available: torch.cuda.is_available() is "
+                    f"False (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})", pytrace=False)
+    pytest.skip("needs an NVIDIA GPU: torch.cuda.is_available() is False")
 
 
 def require(condition: bool, what: str) -> None:

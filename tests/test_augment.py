@@ -4,7 +4,7 @@ import torch
 
 from ssl_pipeline.augment import (color_jitter, contrastive_view, hsv_to_rgb, random_brightness_contrast,
                                   random_erase, random_grayscale, random_resized_crop_flip, random_translate_flip,
-                                  rgb_to_hsv, supervised_view)
+                                  rgb_to_hsv, supervised_view, uniform)
 
 CONTRASTIVE = {"crop_scale": [0.3, 1.0], "crop_ratio": [0.75, 1.3333], "flip": True,
                "brightness_contrast": 0.4, "erase_probability": 0.5}
@@ -127,3 +127,36 @@ def test_colour_distortion_runs_on_colour_views_only_and_draws_nothing_for_grey_
     assert torch.equal(contrastive_view(grey, with_colour, generator()), contrastive_view(grey, plain, generator()))
     assert not torch.equal(contrastive_view(colour, with_colour, generator()),
                            contrastive_view(colour, plain, generator()))
+
+
+def test_color_jitter_gives_the_same_images_whether_it_follows_its_order_or_selects_on_the_device():
+    """On CUDA color_jitter keeps its drawn order on the device (reading it would sync) and selects
+    each position's jitter with torch.where; on the CPU it follows the order. Both must draw alike and
+    give the same images bit for bit, and leave the generator where the other leaves it."""
+    odd = {"probability": 0.5, "brightness": 0.3, "contrast": 0.7, "saturation": 0.1, "hue": 0.45}
+    for settings in (COLOR["color_jitter"], odd):
+        for seed in range(6):
+            for shape in [(1, 3, 1, 1), (7, 3, 5, 9), (32, 3, 16, 12)]:
+                images = torch.rand(*shape, generator=generator(100 + seed))
+                views, next_draws = [], []
+                for order_on_device in (False, True):
+                    drawn = generator(seed)
+                    views.append(color_jitter(images, settings, drawn, order_on_device=order_on_device))
+                    next_draws.append(torch.rand(4, generator=drawn))
+                assert torch.equal(views[0], views[1]), (settings, seed, shape)
+                assert torch.equal(next_draws[0], next_draws[1])
+
+
+def test_each_colour_jitter_draws_its_factor_at_its_place_in_the_drawn_order():
+    """The order is drawn first, then one (B,) draw per position, as uniform() makes it: brightness
+    scales by the draw at the position the order gives it. Grey images, which the other three jitters
+    at strength 0 leave as they are, show its factor."""
+    settings = {"probability": 1.0, "brightness": 0.4, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+    images = torch.full((64, 3, 2, 2), 0.5)
+    drawn = generator(3)
+    order = torch.randperm(4, generator=drawn).tolist()
+    draws = [uniform(1 - 0.4, 1 + 0.4, 64, drawn, "cpu") for _ in order]
+    expected = (0.5 * draws[order.index(0)]).view(64, 1, 1, 1).expand_as(images)
+    for order_on_device in (False, True):
+        view = color_jitter(images, settings, generator(3), order_on_device=order_on_device)
+        torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)

@@ -39,8 +39,11 @@ def random_erase(images, probability, max_area, generator):
 
 
 def grayscale(images):
-    """(B, 3, H, W) RGB -> (B, 1, H, W) luma."""
-    weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma. The weights are filled in where the images are:
+    torch.tensor(LUMA, device=...) would copy them from the host, which waits for a GPU (a sync)."""
+    weights = images.new_empty(1, 3, 1, 1)
+    for channel, weight in enumerate(LUMA):
+        weights[:, channel].fill_(weight)
     return (images * weights).sum(dim=1, keepdim=True)
 
 
@@ -65,38 +68,65 @@ def hsv_to_rgb(images):
     return value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * weight)
 
 
-def color_jitter(images, settings: dict, generator):
+def color_jitters(settings: dict) -> list:
+    """color_jitter's four jitters in torchvision's order (brightness, contrast, saturation, hue), each
+    (view (B, 3, H, W), draws (B,) uniform in [0, 1)) -> view."""
+    def spread(draws, low, high):  # the arithmetic of uniform(): the factors it would give
+        return draws * (high - low) + low
+
+    def factor(draws, strength):
+        return spread(draws, 1 - strength, 1 + strength).view(-1, 1, 1, 1)
+
+    def brightness(view, draws):
+        return (view * factor(draws, settings["brightness"])).clamp(0, 1)
+
+    def contrast(view, draws):
+        mean = grayscale(view).mean(dim=(1, 2, 3), keepdim=True)
+        return ((view - mean) * factor(draws, settings["contrast"]) + mean).clamp(0, 1)
+
+    def saturation(view, draws):
+        gray = grayscale(view)
+        return ((view - gray) * factor(draws, settings["saturation"]) + gray).clamp(0, 1)
+
+    def hue(view, draws):
+        hsv = rgb_to_hsv(view)
+        shift = spread(draws, -settings["hue"], settings["hue"]).view(-1, 1, 1)
+        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], dim=1)
+        return hsv_to_rgb(hsv)
+
+    return [brightness, contrast, saturation, hue]
+
+
+def color_jitter(images, settings: dict, generator, order_on_device=None):
     """SimCLR's colour jitter (Chen et al. 2020, Appendix A, "color distortion"), on RGB batches: with
     probability settings["probability"] per image, brightness, contrast and saturation are scaled by
     factors drawn from [1 - s, 1 + s] and the hue is rotated by up to settings["hue"] of the circle,
     as torchvision's ColorJitter does. torchvision applies the four in a random order per image; a
-    batch here gets one random order, drawn per batch."""
+    batch here gets one random order, drawn per batch.
+
+    The order is drawn on the generator's device. Following it from Python needs its values on the host,
+    which on CUDA stalls the step until the GPU has caught up (a host-device sync). So where the order
+    stays on the device (order_on_device; None: wherever the generator is not on the CPU), each of the
+    four positions computes all four jitters and keeps the drawn one with torch.where: four times the
+    jitter arithmetic, no sync. On the CPU reading the order costs nothing and the jitters run in it.
+    Both ways draw the same random numbers in the same order (the order, one (B,) draw per position,
+    then the choice of images) and give the same images bit for bit (tests/test_augment.py)."""
     batch, device = images.shape[0], images.device
-
-    def factor(strength):
-        return uniform(1 - strength, 1 + strength, batch, generator, device).view(batch, 1, 1, 1)
-
-    def brightness(view):
-        return (view * factor(settings["brightness"])).clamp(0, 1)
-
-    def contrast(view):
-        mean = grayscale(view).mean(dim=(1, 2, 3), keepdim=True)
-        return ((view - mean) * factor(settings["contrast"]) + mean).clamp(0, 1)
-
-    def saturation(view):
-        gray = grayscale(view)
-        return ((view - gray) * factor(settings["saturation"]) + gray).clamp(0, 1)
-
-    def hue(view):
-        hsv = rgb_to_hsv(view)
-        shift = uniform(-settings["hue"], settings["hue"], batch, generator, device).view(batch, 1, 1)
-        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], dim=1)
-        return hsv_to_rgb(hsv)
-
-    jitters = [brightness, contrast, saturation, hue]
+    jitters = color_jitters(settings)
+    order = torch.randperm(len(jitters), generator=generator, device=device)  # (4,)
+    if order_on_device is None:
+        order_on_device = generator.device.type != "cpu"
+    host_order = None if order_on_device else order.tolist()
     jittered = images
-    for index in torch.randperm(len(jitters), generator=generator, device=device).tolist():
-        jittered = jitters[index](jittered)
+    for position in range(len(jitters)):
+        draws = torch.rand(batch, generator=generator, device=device)
+        if order_on_device:
+            candidates = [jitter(jittered, draws) for jitter in jitters]
+            jittered = candidates[0]
+            for index in range(1, len(jitters)):
+                jittered = torch.where(order[position] == index, candidates[index], jittered)
+        else:
+            jittered = jitters[host_order[position]](jittered, draws)
     chosen = torch.rand(batch, generator=generator, device=device) < settings["probability"]
     return torch.where(chosen.view(batch, 1, 1, 1), jittered, images)
 
