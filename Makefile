@@ -13,12 +13,12 @@ CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).
 VERSIONING := $(PYTHON) -m ssl_pipeline.versioning
 
 .PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
-	time-to-accuracy race gpu-check gpu-bundle gpu-rehearsal
+	time-to-accuracy race gpu-check gpu-bundle gpu-rehearsal docs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
-$(VENV)/installed: requirements.txt requirements-benchmark.txt
+$(VENV)/installed: requirements.txt requirements-benchmark.txt requirements-docs.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements.txt
@@ -27,7 +27,7 @@ $(VENV)/installed: requirements.txt requirements-benchmark.txt
 run: $(VENV)/installed  ## run the pipeline on the default config (results/report.md)
 	$(SNAKEMAKE) --cores $(CORES) $(CONFIG_ARGS)
 
-reproduce: $(VENV)/installed  ## SimCLR's claims with statistics (results/claims.csv; README, "Reproducing SimCLR's claims")
+reproduce: $(VENV)/installed  ## SimCLR's claims with statistics (results/claims.csv; docs/sweeps-and-claims.md)
 	$(SNAKEMAKE) --cores $(CORES) --configfile config/experiments/reproduce-simclr.yaml
 
 smoke: $(VENV)/installed  ## the whole DAG on the tiny smoke experiment
@@ -45,8 +45,9 @@ test: $(VENV)/installed  ## every test: unit, smoke training, whole DAGs
 test-fast: $(VENV)/installed  ## unit and smoke-training tests only
 	$(PYTHON) -m pytest -q -m "not workflow"
 
-lint: $(VENV)/installed  ## snakemake --lint
+lint: $(VENV)/installed  ## snakemake --lint, and snakefmt --check of the Snakefile and every .smk
 	$(SNAKEMAKE) --lint
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules/*.smk
 
 dvc-yaml: $(VENV)/installed  ## write dvc.yaml from the Snakemake DAG (of EXPERIMENT, if set)
 	$(VERSIONING) dvc-yaml $(CONFIG_ARGS)
@@ -81,6 +82,12 @@ gpu-bundle: $(VENV)/installed  ## what an offline GPU node lacks (wheels, data, 
 
 gpu-rehearsal: gpu-bundle  ## gpu-bundle/run here as on the node: Python 3.12, no venv, git, network or data package
 	.ci/gpu-rehearsal
+
+# The site from docs/ (mkdocs.yml), after checking that docs/configuration.md matches the config schema.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner, which is not a warning about the docs.
+docs: $(VENV)/installed  ## build the documentation site (mkdocs, results/site)
+	$(PYTHON) -m ssl_pipeline.config_reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir results/site
 
 clean:  ## remove results and Snakemake's state (keeps .venv)
 	rm -rf results .snakemake

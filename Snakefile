@@ -5,7 +5,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# No configfile: the config is config/config.yaml's defaults, the experiments named by key experiment, then
+# the keys given by --configfile / --config or a deploying project (workflow/rules/common.smk).
 
 
 report: "workflow/report/workflow.rst"
@@ -28,6 +29,6 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         report_outputs(),
-    default_target: True

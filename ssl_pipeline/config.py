@@ -80,11 +80,35 @@ def merged(base: dict, override: dict) -> dict:
     return result
 
 
+def complete_config(given: dict, defaults_path) -> dict:
+    """The whole config from the keys given: the defaults (config/config.yaml), then the experiments that
+    the given key `experiment` names (a name or a list of names of config/experiments/<name>.yaml beside
+    the defaults, in order), then the given keys themselves. The workflow builds its config so
+    (workflow/rules/common.smk): `snakemake --configfile config/experiments/smoke.yaml` gives the same as a
+    deploying project's config/config.yaml that holds only `experiment: smoke`."""
+    defaults_path = Path(defaults_path)
+    config = yaml.safe_load(defaults_path.read_text())
+    names = given.get("experiment")
+    experiments = defaults_path.parent / "experiments"
+    for name in [] if names is None else [names] if isinstance(names, str) else names:
+        path = experiments / f"{name}.yaml"
+        if not isinstance(name, str) or "/" in name or not path.is_file():
+            available = ", ".join(sorted(found.stem for found in experiments.glob("*.yaml")))
+            raise ConfigError(f"config key experiment: {name!r} is not an experiment of {experiments} "
+                              f"(there are: {available})")
+        experiment = yaml.safe_load(path.read_text()) or {}
+        if "experiment" in experiment:
+            raise ConfigError(f"{path}: an experiment file cannot name other experiments (key experiment)")
+        config = merged(config, experiment)
+    return merged(config, given)
+
+
 def load_config(config_path, override_paths, schema_path) -> dict:
-    """config.yaml with experiment files on top, validated."""
-    config = yaml.safe_load(Path(config_path).read_text())
+    """config.yaml with experiment files on top, as the workflow builds it (complete_config), validated."""
+    given = {}
     for path in override_paths:
-        config = merged(config, yaml.safe_load(Path(path).read_text()) or {})
+        given = merged(given, yaml.safe_load(Path(path).read_text()) or {})
+    config = complete_config(given, config_path)
     validate_config(config, schema_path)
     return config
 

@@ -152,7 +152,7 @@ def fit_linear_classifier(features, labels, num_classes, weight_decay: float, ma
     and the penalty |V L^-1|^2 are unchanged, so is the minimiser, but L-BFGS works on V, whose
     Hessian's feature part is near the identity. The encoder's standardised features are strongly
     correlated (the covariance's condition number is about 1e5 for 512 features): unwhitened, the fit
-    stopped at 500 iterations unconverged (README, "Linear probe"). The loss is summed in float64, so
+    stopped at 500 iterations unconverged (docs/sweeps-and-claims.md, "Linear probe"). The loss is summed in float64, so
     the line search is not misled by float32 rounding of a mean over 54,000 rows, and loss and gradient
     are computed by hand, without autograd's extra passes over the (N, C) logits.
     Converged: max |gradient| in W and b (d/dW = d/dV L^T) at most `tolerance`, scikit-learn's lbfgs

@@ -2,7 +2,7 @@
 
     python -m ssl_pipeline.gpu_bundle [--out gpu-bundle] [--python-version 3.12] [--platform ...]
 
-The node (../shared/notes/gpu-node.md, README "On an offline GPU node") has a preinstalled PyTorch and no
+The node (docs/performance-gpu.md, "On an offline GPU node") has a preinstalled PyTorch and no
 package index, no dataset host, no project environment. The bundle holds:
 - wheels/: one wheel per pin of requirements-gpu-node.txt, for the target Python and platform (default: the
   node's CPython 3.12, manylinux x86_64). Packages that PyPI has only as an sdist are built into wheels here

@@ -2,7 +2,7 @@
 
     python -m ssl_pipeline.gpu_check [--bundle gpu-bundle] [--budget 480] [--steps ...] [--device cuda]
 
-Made for an offline GPU node (README, "On an offline GPU node"): a preinstalled PyTorch, no package index,
+Made for an offline GPU node (docs/performance-gpu.md, "On an offline GPU node"): a preinstalled PyTorch, no package index,
 no dataset host, no git, no make, and about 8 minutes. With --bundle (what `make gpu-bundle` writes), the
 bundle's manifest is checked, its wheels are installed without an index into <bundle>/site-packages (on
 PYTHONPATH for every step, so the node's own packages stay visible), and its data/ is the only mirror.
@@ -178,7 +178,9 @@ def step_commands(python: str, device: str, tiny: bool, raw_dir) -> dict:
     accuracy_json = PERFORMANCE / f"time_to_accuracy-{suffix}.json"
     # lightly is not on the node's image and not in the bundle: the peer comparison stays on the CPU tables.
     speed = [*benchmark, "speed", *common, "--no-lightly", "--out", str(speed_json)]
-    speed += ["--no-compiled"] if tiny else ["--repetition-seconds", "2", "--workers", *map(str, workers)]
+    # --tiny, the rehearsal's: pretraining only, eager only (it proves the step runs from the bundle).
+    speed += (["--no-compiled", "--stages", "pretrain"] if tiny
+              else ["--repetition-seconds", "2", "--workers", *map(str, workers)])
     return {
         "time_to_accuracy": ([*benchmark, "time-to-accuracy", *common, "--targets", "0.92", "--out",
                               str(accuracy_json)] + ([] if tiny else ["--epochs", "12", "--time-limit", "90"]),

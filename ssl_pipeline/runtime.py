@@ -141,7 +141,7 @@ def has_cxx_compiler() -> bool:
 
 def select_compile(requested, device: torch.device) -> bool:
     """compute.compile: true, false or auto. auto compiles on CUDA only: on the CPUs we measured, the
-    compiled step was not faster than eager (README, "Compiled steps")."""
+    compiled step was not faster than eager (docs/performance.md, "Compiled steps")."""
     requested = str(requested).lower()
     if requested not in ("auto", "true", "false"):
         raise ValueError(f"config key compute.compile must be auto, true or false, not {requested!r}")

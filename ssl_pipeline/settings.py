@@ -26,8 +26,9 @@ RULE_CONFIG_KEYS = {
 RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume"}
 # So are the pretraining seeds and the sweep's variants (ssl_pipeline/sweeps.py): a pretraining job gets
 # its own seed and its variant's overrides.
+# And `experiment`: what an experiment selects is already in the other keys (ssl_pipeline/config.py).
 NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "finetune.variants",
-                    "pretrain.objectives", "pretrain.seeds", "compute.threads", *RESUME_KEYS}
+                    "pretrain.objectives", "pretrain.seeds", "compute.threads", "experiment", *RESUME_KEYS}
 # The objectives' config sections, pretrain.<name> (ssl_pipeline/objectives/). A pretraining job reads
 # the section of its own objective only, so that editing one objective's settings reruns its jobs alone.
 OBJECTIVE_SECTIONS = ("simclr", "byol", "vicreg", "barlow_twins", "moco_v2")

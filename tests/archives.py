@@ -95,7 +95,7 @@ def write_zip(path, members: dict) -> None:
 
 
 def main(argv=None) -> None:
-    """Build the archives the README's figures were measured on:
+    """Build the archives the figures of docs/getting-started.md were measured on:
     python -m tests.archives fashion-mnist-png OUT.tar.gz   (the real Fashion-MNIST as 70,000 PNGs)
     python -m tests.archives synthetic-cifar10 OUT.tar.gz   (2,000 + 200 random 32x32 RGB images)"""
     import argparse

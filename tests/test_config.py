@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from ssl_pipeline.config import ConfigError, merged, validate_config
+from ssl_pipeline.config import ConfigError, complete_config, merged, validate_config
 from ssl_pipeline.objectives import OBJECTIVES
 from ssl_pipeline.settings import OBJECTIVE_SECTIONS, RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
 from tests.conftest import REPO
@@ -126,3 +126,18 @@ def test_rule_settings_hold_the_keys_the_rule_reads_and_no_run_list():
     assert rule_settings(DEFAULT, "download")["dataset"] == {
         "format": "idx", "files": DEFAULT["dataset"]["files"], "archive": None,
         "mirrors": DEFAULT["dataset"]["mirrors"], "unlabeled": None}
+
+
+def test_experiment_smoke_gives_the_config_of_the_smoke_file():
+    """The two ways to select an experiment build the same config (ssl_pipeline.config.complete_config)."""
+    defaults = REPO / "config" / "config.yaml"
+    smoke = yaml.safe_load((REPO / "config" / "experiments" / "smoke.yaml").read_text())
+    by_file = complete_config(smoke, defaults)
+    by_key = complete_config({"experiment": "smoke"}, defaults)
+    assert by_key == {**by_file, "experiment": "smoke"}
+    assert by_file == merged(yaml.safe_load(defaults.read_text()), smoke)
+    # Keys given beside it win over the experiment's.
+    assert complete_config({"experiment": ["smoke"], "pretrain": {"epochs": 7}}, defaults)["pretrain"]["epochs"] == 7
+    assert by_file != complete_config({}, defaults)
+    with pytest.raises(ConfigError, match=r"config key experiment: 'smoke/../smoke' is not an experiment of"):
+        complete_config({"experiment": "smoke/../smoke"}, defaults)

@@ -139,7 +139,7 @@ def test_pretraining_is_deterministic_on_the_cpu(data_dir, tmp_path):
 
 def test_compiled_pretraining_agrees_with_eager_within_rounding(data_dir, tmp_path, caplog):
     """compute.compile: true fuses kernels, which reorders float sums: each epoch's loss and embedding
-    spread agree with eager training within 0.1 % (the tolerance README "Compiled steps" states), not
+    spread agree with eager training within 0.1 % (the tolerance docs/performance.md, "Compiled steps", states), not
     bit for bit. Single weights are not compared: Adam's first steps move a weight by about the learning
     rate whatever the size of its gradient, so a rounding-level gradient near 0 may move it either way."""
     curves, weights = {}, {}

@@ -4,22 +4,25 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, workflow.basedir)
-from ssl_pipeline.config import validate_config
+# This workflow's checkout: workflow.basedir is the deploying project's when it runs as a module.
+ROOT = os.path.dirname(os.path.dirname(str(workflow.current_basedir)))
+sys.path.insert(0, ROOT)
+from ssl_pipeline.config import complete_config, validate_config
 from ssl_pipeline.raw_files import all_raw_paths
 from ssl_pipeline.settings import OBJECTIVE_SECTIONS, rule_settings
 from ssl_pipeline.sweeps import applies_to, pretraining_variants, run_name, sweep_variants
 
-validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+# config holds the keys given (--configfile, --config, or a deploying project's config/config.yaml): they go
+# over the defaults and the experiments they name (key experiment), in place, since modules share the dict.
+_given = dict(config)
+config.clear()
+config.update(complete_config(_given, f"{ROOT}/config/config.yaml"))
+validate_config(config, f"{ROOT}/workflow/schemas/config.schema.yaml")
 
 # The package runs from this checkout, also inside a per-rule conda env where it is not installed.
 # shell.prefix replaces Snakemake's default strict mode, so it is repeated here; the prefix is
 # formatted like a command, hence the doubled braces of the shell expansion.
-shell.prefix(
-    "set -euo pipefail; export PYTHONPATH="
-    + shlex.quote(workflow.basedir)
-    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
-)
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(ROOT)}" "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
 RESULTS = "results"
 RAW = f"{RESULTS}/raw"
@@ -85,9 +88,13 @@ def fraction_name(fraction):
 def pretraining_runs(variants=None):
     """Every pretraining run of the config: objective x variant x pretraining seed, as PRETRAINING paths."""
     variants = pretraining_variants(config) if variants is None else variants
-    return [PRETRAINING.format(objective=objective, variant=variant, pretrain_seed=seed)
-            for objective in OBJECTIVES for variant in variants if applies_to(config, variant, objective)
-            for seed in config["pretrain"]["seeds"]]
+    return [
+        PRETRAINING.format(objective=objective, variant=variant, pretrain_seed=seed)
+        for objective in OBJECTIVES
+        for variant in variants
+        if applies_to(config, variant, objective)
+        for seed in config["pretrain"]["seeds"]
+    ]
 
 
 def finetuned_variants():
@@ -147,7 +154,8 @@ def claims_table():
 
 
 def report_outputs():
-    return [*claims_table(),
+    return [
+        *claims_table(),
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/label_efficiency.csv",
         f"{RESULTS}/tables/label_efficiency.html",

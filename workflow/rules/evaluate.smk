@@ -6,16 +6,16 @@ rule evaluate:
         normalization=f"{DATA}/normalization.json",
     output:
         metrics=f"{RESULTS}/evaluate/{RUN}/metrics.json",
-    params:
-        settings=settings_of("evaluate"),
-        data_dir=directory_of("normalization"),
     log:
         f"{LOGS}/evaluate/{RUN}.log",
+    conda:
+        "../../envs/evaluate.yaml"
     threads: 1
     resources:
         mem_mb=2048,
-    conda:
-        "../../envs/evaluate.yaml"
+    params:
+        settings=settings_of("evaluate"),
+        data_dir=directory_of("normalization"),
     shell:
         "python -m ssl_pipeline evaluate --data-dir {params.data_dir} --model {input.model}"
         " --settings {params.settings:q} --threads {threads} --metrics {output.metrics} > {log} 2>&1"
@@ -29,18 +29,18 @@ rule knn_probe:
         normalization=f"{DATA}/normalization.json",
     output:
         metrics=f"{RESULTS}/evaluate/knn/{PRETRAINING}.json",
-    params:
-        settings=settings_of("knn_probe"),
-        data_dir=directory_of("card"),
     log:
         f"{LOGS}/knn_probe/{PRETRAINING}.log",
     benchmark:
         f"{BENCHMARKS}/knn_probe/{PRETRAINING}.tsv"
+    conda:
+        "../../envs/knn_probe.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4096,
-    conda:
-        "../../envs/knn_probe.yaml"
+    params:
+        settings=settings_of("knn_probe"),
+        data_dir=directory_of("card"),
     shell:
         "python -m ssl_pipeline knn-probe --data-dir {params.data_dir} --encoder {input.encoder}"
         " --settings {params.settings:q} --threads {threads}"
@@ -57,18 +57,18 @@ rule linear_probe:
         normalization=f"{DATA}/normalization.json",
     output:
         metrics=f"{RESULTS}/evaluate/linear/{PRETRAINING}.json",
-    params:
-        settings=settings_of("linear_probe"),
-        data_dir=directory_of("card"),
     log:
         f"{LOGS}/linear_probe/{PRETRAINING}.log",
     benchmark:
         f"{BENCHMARKS}/linear_probe/{PRETRAINING}.tsv"
+    conda:
+        "../../envs/linear_probe.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4096,
-    conda:
-        "../../envs/linear_probe.yaml"
+    params:
+        settings=settings_of("linear_probe"),
+        data_dir=directory_of("card"),
     shell:
         "python -m ssl_pipeline linear-probe --data-dir {params.data_dir} --encoder {input.encoder}"
         " --settings {params.settings:q} --threads {threads}"

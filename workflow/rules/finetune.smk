@@ -8,23 +8,23 @@ rule finetune:
     output:
         model=f"{RESULTS}/finetune/{RUN}/model.pt",
         curve=f"{RESULTS}/finetune/{RUN}/curve.csv",
+    log:
+        f"{LOGS}/finetune/{RUN}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune/{RUN}.tsv"
+    conda:
+        "../../envs/finetune.yaml"
+    threads: config["compute"]["threads"]
+    resources:
+        **resume_resources(),
+        gpu=1,
+        mem_mb=4096,
+        runtime=60,
     params:
         settings=settings_of("finetune"),
         data_dir=directory_of("card"),
         encoder=encoder_option,
         resume_file=f"{RESUME}/finetune/{RUN}.pt",
-    log:
-        f"{LOGS}/finetune/{RUN}.log",
-    benchmark:
-        f"{BENCHMARKS}/finetune/{RUN}.tsv"
-    threads: config["compute"]["threads"]
-    resources:
-        gpu=1,
-        mem_mb=4096,
-        runtime=60,
-        **resume_resources(),
-    conda:
-        "../../envs/finetune.yaml"
     shell:
         "python -m ssl_pipeline finetune --data-dir {params.data_dir} --subset {input.subset}"
         " {params.encoder} --fraction {wildcards.fraction}"

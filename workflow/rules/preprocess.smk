@@ -8,17 +8,17 @@ rule preprocess:
         unlabeled=f"{DATA}/unlabeled_images.npy",
         normalization=f"{DATA}/normalization.json",
         card=f"{DATA}/card.json",
+    log:
+        f"{LOGS}/preprocess.log",
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=2048,
     params:
         settings=settings_of("preprocess"),
         raw_dir=lambda wildcards, input: os.path.dirname(input[0]),
         out_dir=directory_of("card"),
-    log:
-        f"{LOGS}/preprocess.log",
-    threads: 1
-    resources:
-        mem_mb=2048,
-    conda:
-        "../../envs/preprocess.yaml"
     shell:
         "python -m ssl_pipeline preprocess --raw-dir {params.raw_dir}"
         " --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
@@ -33,11 +33,11 @@ rule label_subset:
         subset=f"{DATA}/subsets/seed{{seed}}/fraction{{fraction}}.npy",
     log:
         f"{LOGS}/label_subset/seed{{seed}}_fraction{{fraction}}.log",
+    conda:
+        "../../envs/label_subset.yaml"
     threads: 1
     resources:
         mem_mb=512,
-    conda:
-        "../../envs/label_subset.yaml"
     shell:
         "python -m ssl_pipeline label-subset --labels {input.labels} --card {input.card}"
         " --fraction {wildcards.fraction} --seed {wildcards.seed} --out {output.subset} > {log} 2>&1"

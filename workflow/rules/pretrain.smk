@@ -12,21 +12,21 @@ rule pretrain:
     output:
         checkpoint=ENCODER,
         curve=f"{RESULTS}/pretrain/{PRETRAINING}/curve.csv",
-    params:
-        settings=settings_of("pretrain"),
-        resume_file=f"{RESUME}/pretrain/{PRETRAINING}.pt",
     log:
         f"{LOGS}/pretrain/{PRETRAINING}.log",
     benchmark:
         f"{BENCHMARKS}/pretrain/{PRETRAINING}.tsv"
+    conda:
+        "../../envs/pretrain.yaml"
     threads: config["compute"]["threads"]
     resources:
+        **resume_resources(),
         gpu=1,
         mem_mb=4096,
         runtime=120,
-        **resume_resources(),
-    conda:
-        "../../envs/pretrain.yaml"
+    params:
+        settings=settings_of("pretrain"),
+        resume_file=f"{RESUME}/pretrain/{PRETRAINING}.pt",
     shell:
         "python -m ssl_pipeline pretrain --train-images {input.images} --unlabeled-images {input.unlabeled}"
         " --normalization {input.normalization} --settings {params.settings:q} --threads {threads}"

@@ -41,17 +41,17 @@ rule report:
             caption="../report/confusion_matrix.rst",
             category="Results",
         ),
+    log:
+        f"{LOGS}/report.log",
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=1024,
     params:
         settings=settings_of("report"),
         out_dir=directory_of("summary"),
         claims=lambda wildcards, input: f"--claims {input.claims}" if input.claims else "",
-    log:
-        f"{LOGS}/report.log",
-    threads: 1
-    resources:
-        mem_mb=1024,
-    conda:
-        "../../envs/report.yaml"
     shell:
         "python -m ssl_pipeline report --run-metrics {input.run_metrics}"
         " --finetune-curves {input.finetune_curves} --pretrain-curves {input.pretrain_curves}"
@@ -79,16 +79,16 @@ rule claims:
             caption="../report/claims.rst",
             category="Tables",
         ),
-    params:
-        settings=settings_of("claims"),
-        variants=json.dumps({variant: run_name(config, variant) for variant in sweep_variants(config)}),
     log:
         f"{LOGS}/claims.log",
+    conda:
+        "../../envs/claims.yaml"
     threads: 1
     resources:
         mem_mb=1024,
-    conda:
-        "../../envs/claims.yaml"
+    params:
+        settings=settings_of("claims"),
+        variants=json.dumps({variant: run_name(config, variant) for variant in sweep_variants(config)}),
     shell:
         "python -m ssl_pipeline claims --claim-files {input.claim_files} --run-metrics {input.run_metrics}"
         " --knn {input.knn} --linear {input.linear} --settings {params.settings:q}"
