@@ -10,7 +10,7 @@ SNAKEMAKE := $(VENV)/bin/snakemake
 # EXPERIMENT=smoke selects config/experiments/smoke.yaml on top of config/config.yaml.
 EXPERIMENT ?=
 CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).yaml)
-VERSIONING := $(PYTHON) -m ssl_pipeline.versioning
+VERSIONING := $(PYTHON) -m ssl_pipeline.tools.versioning
 
 .PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
 	time-to-accuracy race gpu-check gpu-bundle gpu-rehearsal docs
@@ -75,10 +75,10 @@ race: $(VENV)/installed  ## SimCLR pretraining, ours against lightly: kNN accura
 	$(PYTHON) -m ssl_pipeline.benchmark race --out results/performance/race.json
 
 gpu-check: $(VENV)/installed  ## prove the CUDA path on an NVIDIA GPU: time to 0.92, benchmark, smoke DAG, gpu tests
-	$(PYTHON) -m ssl_pipeline.gpu_check
+	$(PYTHON) -m ssl_pipeline.tools.gpu_check
 
 gpu-bundle: $(VENV)/installed  ## what an offline GPU node lacks (wheels, data, manifest) for gpu-bundle/run there
-	$(PYTHON) -m ssl_pipeline.gpu_bundle --out gpu-bundle
+	$(PYTHON) -m ssl_pipeline.tools.gpu_bundle --out gpu-bundle
 
 gpu-rehearsal: gpu-bundle  ## gpu-bundle/run here as on the node: Python 3.12, no venv, git, network or data package
 	.ci/gpu-rehearsal
@@ -86,7 +86,7 @@ gpu-rehearsal: gpu-bundle  ## gpu-bundle/run here as on the node: Python 3.12, n
 # The site from docs/ (mkdocs.yml), after checking that docs/configuration.md matches the config schema.
 # NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner, which is not a warning about the docs.
 docs: $(VENV)/installed  ## build the documentation site (mkdocs, results/site)
-	$(PYTHON) -m ssl_pipeline.config_reference --check
+	$(PYTHON) -m ssl_pipeline.tools.config_reference --check
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir results/site
 
 clean:  ## remove results and Snakemake's state (keeps .venv)

@@ -1,7 +1,8 @@
 """Command line entry the Snakemake rules call: `python -m ssl_pipeline <stage> [options]`.
 
-Settings arrive as one JSON string: the config keys the stage reads (ssl_pipeline/settings.py). Each stage imports only its own module, so a rule's
-conda env needs only what that stage uses (tests/test_envs.py checks this).
+Settings arrive as one JSON string: the config keys the stage reads (ssl_pipeline/core/settings.py). Each
+stage imports only its own module (ssl_pipeline/stages/), so a rule's conda env needs only what that stage
+uses (tests/test_envs.py checks this).
 """
 import argparse
 import json
@@ -15,7 +16,7 @@ def json_argument(text):
 
 def add_settings(parser, what):
     parser.add_argument("--settings", type=json_argument, required=True,
-                        help=f"JSON of the config keys this stage reads: {what} (ssl_pipeline/settings.py)")
+                        help=f"JSON of the config keys this stage reads: {what} (ssl_pipeline/core/settings.py)")
 
 
 def add_threads(parser):
@@ -24,7 +25,7 @@ def add_threads(parser):
 
 def add_resume(parser):
     """Resume options come from config `compute` as resources, not as --settings: editing them must
-    not rerun a finished job (ssl_pipeline/settings.py, NOT_JOB_SETTINGS)."""
+    not rerun a finished job (ssl_pipeline/core/settings.py, NOT_JOB_SETTINGS)."""
     parser.add_argument("--resume-file", required=True,
                         help="where the job keeps its resume state (not an output: it survives a failure)")
     parser.add_argument("--checkpoint-every", type=float, required=True,
@@ -45,8 +46,8 @@ def resume_of(args) -> dict:
 
 
 def run_download(args):
-    from ssl_pipeline.download import RetryPolicy, download_dataset
-    from ssl_pipeline.raw_files import dataset_files, raw_paths, unlabeled_files
+    from ssl_pipeline.stages.download import RetryPolicy, download_dataset
+    from ssl_pipeline.core.raw_files import dataset_files, raw_paths, unlabeled_files
 
     dataset, retry = args.settings["dataset"], args.settings["download"]
     policy = RetryPolicy(retry["attempts"], retry["backoff_seconds"], retry["timeout_seconds"])
@@ -62,8 +63,8 @@ def run_download(args):
 
 def run_preprocess(args):
     from ssl_pipeline.datasets import format_options
-    from ssl_pipeline.preprocess import preprocess
-    from ssl_pipeline.raw_files import raw_paths
+    from ssl_pipeline.stages.preprocess import preprocess
+    from ssl_pipeline.core.raw_files import raw_paths
 
     dataset, data = args.settings["dataset"], args.settings["data"]
     paths = raw_paths(dataset, args.raw_dir)
@@ -77,14 +78,14 @@ def run_preprocess(args):
 
 
 def run_label_subset(args):
-    from ssl_pipeline.preprocess import write_label_subset
+    from ssl_pipeline.stages.preprocess import write_label_subset
 
     write_label_subset(args.labels, args.card, args.fraction, args.seed, args.out)
 
 
 def run_pretrain(args):
-    from ssl_pipeline.distributed import processes_for, relaunch_under_torchrun
-    from ssl_pipeline.pretrain import pretrain
+    from ssl_pipeline.core.distributed import processes_for, relaunch_under_torchrun
+    from ssl_pipeline.stages.pretrain import pretrain
 
     # Several processes: this one becomes torchrun, which runs this same command once per process.
     relaunch_under_torchrun(processes_for(args.settings["pretrain"]["processes"], args.gpus), sys.argv[1:])
@@ -94,34 +95,34 @@ def run_pretrain(args):
 
 
 def run_finetune(args):
-    from ssl_pipeline.finetune import finetune
+    from ssl_pipeline.stages.finetune import finetune
 
     finetune(args.data_dir, args.subset, args.encoder, args.model, args.curve, args.init, args.fraction,
              args.seed, args.settings["finetune"], args.settings["model"], compute_of(args), resume_of(args))
 
 
 def run_evaluate(args):
-    from ssl_pipeline.evaluate import evaluate_classifier
+    from ssl_pipeline.stages.evaluate import evaluate_classifier
 
     evaluate_classifier(args.data_dir, args.model, args.metrics, compute_of(args))
 
 
 def run_knn_probe(args):
-    from ssl_pipeline.evaluate import evaluate_knn
+    from ssl_pipeline.stages.evaluate import evaluate_knn
 
     evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"], compute_of(args))
 
 
 def run_linear_probe(args):
-    from ssl_pipeline.evaluate import evaluate_linear
+    from ssl_pipeline.stages.evaluate import evaluate_linear
 
     evaluate_linear(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"]["linear_probe"],
                     compute_of(args))
 
 
 def run_report(args):
-    from ssl_pipeline.artifacts import read_json
-    from ssl_pipeline.report import build_report, read_csv
+    from ssl_pipeline.core.artifacts import read_json
+    from ssl_pipeline.stages.report import build_report, read_csv
 
     run_metrics = [read_json(path) for path in args.run_metrics]
     if len(args.finetune_curves) != len(run_metrics):
@@ -138,7 +139,7 @@ def run_report(args):
 
 
 def run_claims(args):
-    from ssl_pipeline.artifacts import read_json
+    from ssl_pipeline.core.artifacts import read_json
     from ssl_pipeline.claims.check import check_claims
 
     check_claims(args.claim_files, [read_json(path) for path in args.run_metrics],
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
     try:
         args.run(args)
     except Exception as error:
-        if hasattr(error, "exit_status"):  # a stop the stage explains fully (ssl_pipeline/resume.py)
+        if hasattr(error, "exit_status"):  # a stop the stage explains fully (ssl_pipeline/core/resume.py)
             logging.getLogger("ssl_pipeline").error("%s", error)
             return error.exit_status
         # One clear line for the log; the traceback follows for debugging.

@@ -22,7 +22,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SMOKE = ("--configfile", "config/experiments/smoke.yaml")
 # Tests of what happens on a machine without CUDA; on a GPU machine they are moot.
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without CUDA")
-# Set by the GPU check (ssl_pipeline/gpu_check.py) when it runs the tests: there a missing GPU is an error.
+# Set by the GPU check (ssl_pipeline/tools/gpu_check.py) when it runs the tests: there a missing GPU is an error.
 GPU_CHECK = "SSL_PIPELINE_GPU_CHECK"
 
 

@@ -13,15 +13,19 @@ import torch
 import yaml
 from torch.utils.data import default_collate
 
-from ssl_pipeline import benchmark, reference, roofline
+from ssl_pipeline import benchmark
+
+from ssl_pipeline.benchmark import reference
+
+from ssl_pipeline.core import roofline
 from ssl_pipeline.augment import contrastive_view, supervised_view
 from ssl_pipeline.benchmark import peer
 from ssl_pipeline.benchmark.data import CONSTANT_SCHEDULE_STEPS
-from ssl_pipeline.data import Normalizer
-from ssl_pipeline.finetune import supervised_loss
-from ssl_pipeline.preprocess import normalization_statistics
-from ssl_pipeline.pretrain import contrastive_loss
-from ssl_pipeline.runtime import setup_runtime
+from ssl_pipeline.core.data import Normalizer
+from ssl_pipeline.stages.finetune import supervised_loss
+from ssl_pipeline.stages.preprocess import normalization_statistics
+from ssl_pipeline.stages.pretrain import contrastive_loss
+from ssl_pipeline.core.runtime import setup_runtime
 from tests.conftest import REPO, synthetic_images, write_synthetic_idx
 
 CPU = {"device": "cpu", "require_gpu": False, "precision": "fp32", "threads": 1}
@@ -183,7 +187,7 @@ def test_gpu_check_stops_at_once_without_cuda_and_says_why(tmp_path):
     """With every GPU hidden, `make gpu-check` fails with the reason and writes no figures."""
     summary = REPO / "results" / "performance" / "gpu-check.json"
     before = summary.stat().st_mtime if summary.exists() else None
-    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.gpu_check"], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.tools.gpu_check"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO),
                                                         "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 2 and done.stdout == ""
@@ -197,7 +201,7 @@ def test_gpu_check_stops_at_once_without_cuda_and_says_why(tmp_path):
     environment = {key: value for key, value in os.environ.items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     dry_run = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=REPO, capture_output=True,
                              text=True, check=True, env=environment)
-    assert any(line.endswith("-m ssl_pipeline.gpu_check") for line in dry_run.stdout.splitlines()), dry_run.stdout
+    assert any(line.endswith("-m ssl_pipeline.tools.gpu_check") for line in dry_run.stdout.splitlines()), dry_run.stdout
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import re
 import pytest
 import yaml
 
-from ssl_pipeline.config import ConfigError, complete_config, merged, validate_config
+from ssl_pipeline.core.config import ConfigError, complete_config, merged, validate_config
 from ssl_pipeline.objectives import OBJECTIVES
-from ssl_pipeline.settings import OBJECTIVE_SECTIONS, RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
+from ssl_pipeline.core.settings import OBJECTIVE_SECTIONS, RULE_CONFIG_KEYS, leaf_keys, rule_leaf_keys, rule_settings
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -98,7 +98,7 @@ def test_errors_name_the_key_and_what_was_expected(change, message):
     assert message in str(error.value)
 
 
-# ---- which rule reads which key (ssl_pipeline/settings.py) --------------------------------------------
+# ---- which rule reads which key (ssl_pipeline/core/settings.py) --------------------------------------------
 
 def test_every_config_key_is_read_by_some_rule_or_is_a_run_list():
     read = {key for rule in RULE_CONFIG_KEYS for objective in (None, *OBJECTIVE_SECTIONS)
@@ -129,7 +129,7 @@ def test_rule_settings_hold_the_keys_the_rule_reads_and_no_run_list():
 
 
 def test_experiment_smoke_gives_the_config_of_the_smoke_file():
-    """The two ways to select an experiment build the same config (ssl_pipeline.config.complete_config)."""
+    """The two ways to select an experiment build the same config (ssl_pipeline.core.config.complete_config)."""
     defaults = REPO / "config" / "config.yaml"
     smoke = yaml.safe_load((REPO / "config" / "experiments" / "smoke.yaml").read_text())
     by_file = complete_config(smoke, defaults)

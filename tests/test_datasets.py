@@ -8,8 +8,8 @@ import pytest
 from ssl_pipeline.datasets import DatasetFormatError, read_dataset, read_unlabeled
 from ssl_pipeline.datasets.archive import ArchiveError, Limits, read_members
 from ssl_pipeline.datasets.idx import encode_idx
-from ssl_pipeline.preprocess import preprocess
-from ssl_pipeline.raw_files import RawFilesError, raw_paths
+from ssl_pipeline.stages.preprocess import preprocess
+from ssl_pipeline.core.raw_files import RawFilesError, raw_paths
 from tests.archives import (cifar10_members, cifar100_members, image_folder_members, png_bytes, stl10_members,
                             write_tar, write_zip)
 

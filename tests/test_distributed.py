@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssl_pipeline import distributed
-from ssl_pipeline.models import build_encoder
+from ssl_pipeline.core import distributed
+from ssl_pipeline.core.models import build_encoder
 from ssl_pipeline.objectives import build_objective
-from ssl_pipeline.preprocess import preprocess
-from ssl_pipeline.pretrain import pretrain
-from ssl_pipeline.runtime import (FAIL_ONCE, claim_free_gpu, fail_once_if_asked, release_gpus,
+from ssl_pipeline.stages.preprocess import preprocess
+from ssl_pipeline.stages.pretrain import pretrain
+from ssl_pipeline.core.runtime import (FAIL_ONCE, claim_free_gpu, fail_once_if_asked, release_gpus,
                                   select_device)
-from ssl_pipeline.training import load_checkpoint
+from ssl_pipeline.core.training import load_checkpoint
 from tests.conftest import REPO, needs_no_cuda, write_synthetic_idx
 
 MODEL = {"widths": [8, 16], "convs_per_stage": 1, "pool_size": 2}
@@ -257,7 +257,7 @@ def test_each_process_claims_a_gpu_no_other_holds(tmp_path):
     try:
         assert claim_free_gpu(gpus, tmp_path) == 0
         # Another process: the lock of GPU-a is held, so it gets GPU-b, then nothing.
-        claim = [sys.executable, "-c", "from ssl_pipeline.runtime import claim_free_gpu; "
+        claim = [sys.executable, "-c", "from ssl_pipeline.core.runtime import claim_free_gpu; "
                  f"print(claim_free_gpu({gpus!r}, {str(tmp_path)!r}))"]
         other = subprocess.run(claim, cwd=REPO, capture_output=True, text=True, check=True)
         assert other.stdout.strip() == "1"  # its lock went with it when it exited

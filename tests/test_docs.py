@@ -12,7 +12,7 @@ import unicodedata
 import pytest
 import yaml
 
-from ssl_pipeline import config_reference
+from ssl_pipeline.tools import config_reference
 from tests.conftest import REPO
 
 README = REPO / "README.md"
@@ -186,7 +186,7 @@ def test_the_configuration_reference_check_names_a_stale_page(tmp_path):
     stale = tmp_path / "configuration.md"
     stale.write_text(config_reference.render_file().replace("Peak AdamW learning rate", "Learning rate"))
     assert f"{stale} is out of date" in config_reference.check(stale)
-    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.config_reference", "--check", "--out", str(stale)],
+    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.tools.config_reference", "--check", "--out", str(stale)],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1 and "is out of date" in done.stderr
 

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from ssl_pipeline.download import DownloadError, RetryPolicy, download_dataset, download_file
+from ssl_pipeline.stages.download import DownloadError, RetryPolicy, download_dataset, download_file
 
 FAST = RetryPolicy(attempts=3, backoff_seconds=0.01, timeout_seconds=5)
 CONTENT = b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"hello"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_pipeline.versioning import VersioningError, check_dvc_yaml, locked_outputs
+from ssl_pipeline.tools.versioning import VersioningError, check_dvc_yaml, locked_outputs
 from tests.conftest import REPO, SMOKE, copy_workflow, snakemake, tool_env
 
 pytestmark = pytest.mark.workflow
@@ -34,7 +34,7 @@ def dvc(*args, cwd, check=True):
 
 
 def versioning(*args, cwd, check=True):
-    return run(sys.executable, "-m", "ssl_pipeline.versioning", *args, cwd=cwd, check=check)
+    return run(sys.executable, "-m", "ssl_pipeline.tools.versioning", *args, cwd=cwd, check=check)
 
 
 def fingerprints(workdir: Path, paths) -> dict:

@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from ssl_pipeline.stage_code import stage_files, stage_of_command, third_party_imports
+from ssl_pipeline.core.stage_code import stage_files, stage_of_command, third_party_imports
 from tests.conftest import REPO
 
 # Import name -> conda-forge packages that provide it.

@@ -19,18 +19,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_pipeline import benchmark, distributed
-from ssl_pipeline.artifacts import write_json
+from ssl_pipeline import benchmark
+
+from ssl_pipeline.core import distributed
+from ssl_pipeline.core.artifacts import write_json
 from ssl_pipeline.augment import color_jitter
 from ssl_pipeline.backbones import BACKBONES
-from ssl_pipeline.data import device_generator
-from ssl_pipeline.models import build_encoder, prepare
+from ssl_pipeline.core.data import device_generator
+from ssl_pipeline.core.models import build_encoder, prepare
 from ssl_pipeline.objectives import OBJECTIVES
 from ssl_pipeline.objectives.common import all_gather_rows
-from ssl_pipeline.pretrain import pretrain
-from ssl_pipeline.resume import Checkpointer, TrainingStopped, note_sigterm
-from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import load_checkpoint
+from ssl_pipeline.stages.pretrain import pretrain
+from ssl_pipeline.core.resume import Checkpointer, TrainingStopped, note_sigterm
+from ssl_pipeline.core.runtime import setup_runtime
+from ssl_pipeline.core.training import load_checkpoint
 from tests.conftest import REPO
 from tests.test_objectives import SETTINGS as OBJECTIVE_SETTINGS
 from tests.test_resume import assert_same_losses, assert_same_weights, read_curve, resume_at
@@ -143,7 +145,7 @@ def test_compiled_pretraining_on_cuda_agrees_with_eager(data_dir, tmp_path, capl
         for column in ("loss", "embedding_std"):
             assert float(compiled[column]) == pytest.approx(float(eager[column]), rel=1e-2), column
     compiled_runs = [record for record in caplog.records
-                     if record.name == "ssl_pipeline.runtime" and "torch.compile" in record.getMessage()]
+                     if record.name == "ssl_pipeline.core.runtime" and "torch.compile" in record.getMessage()]
     assert len(compiled_runs) == 1 and "cuda" in compiled_runs[0].getMessage()
 
 

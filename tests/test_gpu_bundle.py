@@ -1,4 +1,4 @@
-"""The offline GPU node's bundle (ssl_pipeline/gpu_bundle.py) and the bundle side of the GPU check.
+"""The offline GPU node's bundle (ssl_pipeline/tools/gpu_bundle.py) and the bundle side of the GPU check.
 
 The bundle's whole run is `make gpu-rehearsal`, which .ci/run runs before the tests; here: what the bundle
 holds, that a failed build leaves nothing, and that the check refuses a bundle that lacks a wheel, on the
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_pipeline.gpu_bundle import read_pins
-from ssl_pipeline.gpu_check import copy_checkout
+from ssl_pipeline.tools.gpu_bundle import RUN_SCRIPT, read_pins
+from ssl_pipeline.tools.gpu_check import copy_checkout
 from tests.conftest import REPO, require
 
 BUNDLE = REPO / "gpu-bundle"
@@ -27,14 +27,15 @@ CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def build_bundle(out: Path, *arguments) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ssl_pipeline.gpu_bundle", "--out", str(out), *arguments],
+    return subprocess.run([sys.executable, "-m", "ssl_pipeline.tools.gpu_bundle", "--out", str(out), *arguments],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    """The bundle `make gpu-rehearsal` built (CI builds it first), else a fresh one (about 10 s)."""
-    if (BUNDLE / "manifest.json").is_file():
+    """The bundle `make gpu-rehearsal` built (CI builds it first) if it is this checkout's, else a fresh one
+    (about 10 s)."""
+    if (BUNDLE / "manifest.json").is_file() and (BUNDLE / "run").read_text() == RUN_SCRIPT:
         return BUNDLE
     out = tmp_path_factory.mktemp("bundle") / "gpu-bundle"
     done = build_bundle(out)
@@ -155,7 +156,7 @@ def test_the_complete_bundle_installs_on_the_node_image_and_runs_a_step(bundle, 
 
 def test_a_step_past_its_cap_is_stopped_with_its_children_and_recorded(tmp_path):
     """The cap stops the step's whole process group (a DAG's jobs too), and says so in the record."""
-    from ssl_pipeline.gpu_check import run_step
+    from ssl_pipeline.tools.gpu_check import run_step
 
     child = tmp_path / "child.pid"
     command = ["/bin/sh", "-c", f"sleep 60 & echo $! > {child}; wait"]
@@ -168,7 +169,7 @@ def test_a_step_past_its_cap_is_stopped_with_its_children_and_recorded(tmp_path)
 
 def test_a_step_whose_minimum_does_not_fit_the_budget_is_skipped_with_the_reason(tmp_path):
     checkout = copy_checkout(tmp_path / "node")
-    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.gpu_check", "--device", "cpu", "--budget", "20",
+    done = subprocess.run([sys.executable, "-m", "ssl_pipeline.tools.gpu_check", "--device", "cpu", "--budget", "20",
                            "--steps", "smoke_dag", "tests"], cwd=checkout, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(checkout)})
     assert done.returncode == 1

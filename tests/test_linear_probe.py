@@ -7,7 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from ssl_pipeline.evaluate import GRADIENT_TOLERANCE, ProbeData, fit_linear_classifier, whitening
+from ssl_pipeline.stages.evaluate import GRADIENT_TOLERANCE, ProbeData, fit_linear_classifier, whitening
 
 CPU = {"device": "cpu", "require_gpu": False, "precision": "fp32", "threads": 2}
 WEIGHT_DECAY = 1e-4

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssl_pipeline.models import Classifier, Encoder, build_encoder, describe_encoder, encoder_card
+from ssl_pipeline.core.models import Classifier, Encoder, build_encoder, describe_encoder, encoder_card
 from ssl_pipeline.objectives import SimCLR, nt_xent
 
 SIMCLR = {"temperature": 0.5, "projection_hidden_dim": 32, "projection_dim": 16}

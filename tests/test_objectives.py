@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ssl_pipeline.models import build_encoder
+from ssl_pipeline.core.models import build_encoder
 from ssl_pipeline.objectives import OBJECTIVES, build_objective, embedding_std, is_collapsed
 from ssl_pipeline.objectives.barlow_twins import barlow_twins_loss, cross_correlation
 from ssl_pipeline.objectives.byol import normalised_mse

@@ -5,7 +5,7 @@ import pytest
 
 from ssl_pipeline.datasets import DatasetFormatError
 from ssl_pipeline.datasets.idx import encode_idx
-from ssl_pipeline.preprocess import (labeled_subset, preprocess, stratified_validation_split,
+from ssl_pipeline.stages.preprocess import (labeled_subset, preprocess, stratified_validation_split,
                                      write_label_subset)
 from tests.conftest import write_synthetic_idx
 

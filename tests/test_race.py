@@ -8,7 +8,7 @@ import torch
 
 from ssl_pipeline import benchmark
 from ssl_pipeline.benchmark.race import KnnProbe, build_racers, race_summary
-from ssl_pipeline.runtime import setup_runtime
+from ssl_pipeline.core.runtime import setup_runtime
 from tests.conftest import synthetic_images
 from tests.test_benchmark import CPU, run_benchmark, synthetic_override  # noqa: F401 (a fixture)
 

@@ -3,7 +3,7 @@ scratch, a collapsed objective flagged, sweep variants and pretraining seeds poo
 claims section."""
 import math
 
-from ssl_pipeline.report import (aggregate, claims_section, collapse_notes, label_efficiency_table,
+from ssl_pipeline.stages.report import (aggregate, claims_section, collapse_notes, label_efficiency_table,
                                  pretraining_runs, pretraining_table, summary_rows)
 
 

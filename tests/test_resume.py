@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from ssl_pipeline.data import BatchOrder, shuffled_batches
-from ssl_pipeline.finetune import finetune
-from ssl_pipeline.pretrain import pretrain
-from ssl_pipeline.resume import ResumeFile, TrainingStopped, note_sigterm
-from ssl_pipeline.training import load_checkpoint
+from ssl_pipeline.core.data import BatchOrder, shuffled_batches
+from ssl_pipeline.stages.finetune import finetune
+from ssl_pipeline.stages.pretrain import pretrain
+from ssl_pipeline.core.resume import ResumeFile, TrainingStopped, note_sigterm
+from ssl_pipeline.core.training import load_checkpoint
 from tests.conftest import REPO, SMOKE, copy_workflow, tool_env
 from tests.test_distributed import PRETRAIN as DDP_PRETRAIN
 from tests.test_distributed import command_env, pretrain_command, unlabeled_images  # noqa: F401 (fixture)
@@ -74,7 +74,7 @@ def test_batch_order_gives_the_batches_of_shuffled_batches_and_continues_from_a_
 
 WRITE_WITH_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys, torch
-from ssl_pipeline.resume import ResumeFile
+from ssl_pipeline.core.resume import ResumeFile
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
 resume_file = ResumeFile(sys.argv[1], {"stage": "pretrain"})

@@ -5,9 +5,9 @@ import copy
 import pytest
 import yaml
 
-from ssl_pipeline.config import ConfigError, validate_config
-from ssl_pipeline.settings import rule_settings
-from ssl_pipeline.sweeps import BASE, pretraining_variants, run_name, sweep_variants
+from ssl_pipeline.core.config import ConfigError, validate_config
+from ssl_pipeline.core.settings import rule_settings
+from ssl_pipeline.core.sweeps import BASE, pretraining_variants, run_name, sweep_variants
 from tests.conftest import REPO
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -70,7 +70,7 @@ def test_fine_tuned_variants_and_claim_files_must_exist():
 
 def test_the_reproduce_experiment_and_its_claims_agree():
     from ssl_pipeline.claims.check import load_claims
-    from ssl_pipeline.config import load_config
+    from ssl_pipeline.core.config import load_config
 
     experiment = REPO / "config" / "experiments" / "reproduce-simclr.yaml"
     config = load_config(REPO / "config" / "config.yaml", [experiment], SCHEMA)
@@ -93,7 +93,7 @@ def test_a_claim_naming_a_variant_no_sweep_defines_fails_when_the_config_loads(t
 
 
 def test_a_sweep_of_one_objectives_setting_gives_the_other_objectives_no_runs_of_their_own():
-    from ssl_pipeline.sweeps import applies_to
+    from ssl_pipeline.core.sweeps import applies_to
 
     config = with_sweeps({"t": {"pretrain.simclr.temperature": [1.0]}, "e": {"pretrain.epochs": [1]}})
     assert applies_to(config, "temperature~1.0", "simclr") and not applies_to(config, "temperature~1.0", "byol")

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_pipeline.evaluate import (classification_metrics, evaluate_classifier, evaluate_knn, evaluate_linear,
+from ssl_pipeline.stages.evaluate import (classification_metrics, evaluate_classifier, evaluate_knn, evaluate_linear,
                                   fit_linear_classifier, knn_predict)
-from ssl_pipeline.finetune import finetune
+from ssl_pipeline.stages.finetune import finetune
 from ssl_pipeline.objectives import is_collapsed
-from ssl_pipeline.preprocess import preprocess, write_label_subset
-from ssl_pipeline.pretrain import pretrain
-from ssl_pipeline.runtime import GpuUnavailable, select_device, select_precision
-from ssl_pipeline.training import load_checkpoint
+from ssl_pipeline.stages.preprocess import preprocess, write_label_subset
+from ssl_pipeline.stages.pretrain import pretrain
+from ssl_pipeline.core.runtime import GpuUnavailable, select_device, select_precision
+from ssl_pipeline.core.training import load_checkpoint
 from tests.conftest import needs_no_cuda, write_synthetic_idx
 
 CPU = {"device": "cpu", "require_gpu": False, "precision": "fp32", "threads": 1}
@@ -252,7 +252,7 @@ def test_precision_follows_the_config(monkeypatch):
     cpu = torch.device("cpu")
     assert select_precision("fp32", cpu) == torch.float32
     assert select_precision("bf16", cpu) == torch.bfloat16
-    monkeypatch.setattr("ssl_pipeline.runtime.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("ssl_pipeline.core.runtime.cpu_has_fast_bf16", lambda: True)
     assert select_precision("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr("ssl_pipeline.runtime.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("ssl_pipeline.core.runtime.cpu_has_fast_bf16", lambda: False)
     assert select_precision("auto", cpu) == torch.float32

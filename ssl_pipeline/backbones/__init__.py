@@ -5,7 +5,7 @@ the schema."""
 import torch
 
 from ssl_pipeline.backbones import cnn, resnet
-from ssl_pipeline.roofline import count_flops, describe_flops
+from ssl_pipeline.core.roofline import count_flops, describe_flops
 
 BACKBONES = {"cnn": cnn.build, "resnet18": resnet.build, "resnet50": resnet.build}
 

@@ -1,4 +1,4 @@
-"""Training speed of our pipeline against the usual PyTorch recipe (ssl_pipeline/reference.py) and
+"""Training speed of our pipeline against the usual PyTorch recipe (ssl_pipeline/benchmark/reference.py) and
 against the self-supervised learning library lightly (peer.py).
 
     python -m ssl_pipeline.benchmark speed --out results/performance/speed.json [--tiny] [--device cuda]

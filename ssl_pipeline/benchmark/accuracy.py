@@ -7,14 +7,14 @@ import torch
 from ssl_pipeline.benchmark.data import SEED, endless, load_split
 from ssl_pipeline.benchmark.measure import device_description
 from ssl_pipeline.benchmark.speed import MachineLoad, machine_load, threads
-from ssl_pipeline.data import Normalizer, device_generator, shuffled_batches
-from ssl_pipeline.finetune import supervised_loss
-from ssl_pipeline.inference import accuracy
-from ssl_pipeline.models import Classifier, build_encoder, prepare
-from ssl_pipeline.preprocess import normalization_statistics
-from ssl_pipeline.roofline import synchronize
-from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
+from ssl_pipeline.core.data import Normalizer, device_generator, shuffled_batches
+from ssl_pipeline.stages.finetune import supervised_loss
+from ssl_pipeline.core.inference import accuracy
+from ssl_pipeline.core.models import Classifier, build_encoder, prepare
+from ssl_pipeline.stages.preprocess import normalization_statistics
+from ssl_pipeline.core.roofline import synchronize
+from ssl_pipeline.core.runtime import setup_runtime
+from ssl_pipeline.core.training import adamw, optimisation_step, warmup_cosine
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from ssl_pipeline import benchmark
-from ssl_pipeline.artifacts import write_json, write_text
+from ssl_pipeline.core.artifacts import write_json, write_text
 from ssl_pipeline.benchmark import race as race_mode
 from ssl_pipeline.benchmark.accuracy import accuracy_table, time_to_accuracy
 from ssl_pipeline.benchmark.data import IMPLEMENTATIONS, STAGES, TINY, Plan, default_raw_dir, load_config

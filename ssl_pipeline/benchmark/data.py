@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_pipeline.config import load_config as config_with_overrides
+from ssl_pipeline.core.config import load_config as config_with_overrides
 from ssl_pipeline.datasets import format_options, read_dataset
 from ssl_pipeline.datasets.idx import load_split as read_split
 
@@ -32,7 +32,7 @@ class Plan:
     min_steps: int = 3  # ...and at least this many steps
     images: int = None
     batch_size: int = None
-    roof_seconds: float = 2.0  # timing of each roof operation (ssl_pipeline/roofline.py)
+    roof_seconds: float = 2.0  # timing of each roof operation (ssl_pipeline/core/roofline.py)
 
 
 TINY = Plan(repetitions=3, warmup_steps=2, repetition_seconds=0.1, min_steps=2, images=512, batch_size=32,

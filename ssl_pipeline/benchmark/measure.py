@@ -14,8 +14,8 @@ import torch
 
 from ssl_pipeline.benchmark.data import MIB, RSS_SAMPLE_SECONDS, SEED, Plan, load_split
 from ssl_pipeline.benchmark.trainers import build_trainer, parameter_count, pretraining_objective
-from ssl_pipeline.roofline import count_flops, synchronize
-from ssl_pipeline.runtime import available_cpus, setup_runtime
+from ssl_pipeline.core.roofline import count_flops, synchronize
+from ssl_pipeline.core.runtime import available_cpus, setup_runtime
 
 
 # ---------------------------------------------------------------------------------------------------

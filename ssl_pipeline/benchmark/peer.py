@@ -73,9 +73,9 @@ from torch import nn
 
 from ssl_pipeline.benchmark.data import CONSTANT_SCHEDULE_STEPS, Split, endless
 from ssl_pipeline.benchmark.trainers import Trainer, pretraining_objective, warmup_steps
-from ssl_pipeline.models import build_encoder, prepare
-from ssl_pipeline.preprocess import normalization_statistics
-from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
+from ssl_pipeline.core.models import build_encoder, prepare
+from ssl_pipeline.stages.preprocess import normalization_statistics
+from ssl_pipeline.core.training import adamw, optimisation_step, warmup_cosine
 
 LIGHTLY = "lightly"
 ERASE_SCALE, ERASE_RATIO = (0.02, 0.25), (0.3, 3.3)  # ours' random_erase ranges
@@ -238,7 +238,7 @@ def build_lightly_trainer(config: dict, train: Split, runtime, workers: int = 0,
                           total_steps: int = CONSTANT_SCHEDULE_STEPS) -> Trainer:
     """One pretraining step of config pretrain.objective (else the first of pretrain.objectives) the
     lightly way. Built right after seeding, the backbone starts from ours' initial weights."""
-    from ssl_pipeline import reference
+    from ssl_pipeline.benchmark import reference
 
     device, settings = runtime.device, config["pretrain"]
     name = pretraining_objective(config)

@@ -6,8 +6,8 @@ import torch
 from ssl_pipeline.benchmark.data import SEED, Plan, load_split
 from ssl_pipeline.benchmark.speed import threads
 from ssl_pipeline.benchmark.trainers import build_trainer
-from ssl_pipeline.roofline import synchronize
-from ssl_pipeline.runtime import setup_runtime
+from ssl_pipeline.core.roofline import synchronize
+from ssl_pipeline.core.runtime import setup_runtime
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from ssl_pipeline.benchmark.measure import device_description
 from ssl_pipeline.benchmark.peer import build_lightly_trainer, lightly_version
 from ssl_pipeline.benchmark.speed import MachineLoad, machine_load, threads
 from ssl_pipeline.benchmark.trainers import build_trainer, warmup_steps
-from ssl_pipeline.data import Normalizer
-from ssl_pipeline.evaluate import knn_predict
-from ssl_pipeline.inference import embed
-from ssl_pipeline.preprocess import normalization_statistics
-from ssl_pipeline.roofline import synchronize
-from ssl_pipeline.runtime import setup_runtime
+from ssl_pipeline.core.data import Normalizer
+from ssl_pipeline.stages.evaluate import knn_predict
+from ssl_pipeline.core.inference import embed
+from ssl_pipeline.stages.preprocess import normalization_statistics
+from ssl_pipeline.core.roofline import synchronize
+from ssl_pipeline.core.runtime import setup_runtime
 
 RACERS = ("ours", "lightly")
 # The default size. Measured on a 2-CPU AMD EPYC, 2 threads, bf16 autocast, SimCLR, batch 256, in

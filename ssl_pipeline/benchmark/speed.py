@@ -11,8 +11,8 @@ import torch
 
 from ssl_pipeline.benchmark.data import SEED, STAGES, Plan
 from ssl_pipeline.benchmark.measure import measure_in_child
-from ssl_pipeline.roofline import describe_flops, efficiency, measure_roof
-from ssl_pipeline.runtime import available_cpus, has_cxx_compiler, setup_runtime
+from ssl_pipeline.core.roofline import describe_flops, efficiency, measure_roof
+from ssl_pipeline.core.runtime import available_cpus, has_cxx_compiler, setup_runtime
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def ratio(run: dict, best: dict) -> str:
 def speed_table(results: dict) -> str:
     """Markdown: one row per measurement; the speed-ups are over the fastest reference and the fastest
     lightly setting of the step (ours / lightly in the last column), and the roof is the convolution's
-    of ssl_pipeline/roofline.py, measured in the same run."""
+    of ssl_pipeline/core/roofline.py, measured in the same run."""
     rows = ["| step | implementation | images/s (mean ± sd) | FLOPs/image | TFLOP/s | % of conv roof "
             "| peak RSS MiB | PSS MiB | CUDA peak MiB | speed-up over reference | speed-up over lightly |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

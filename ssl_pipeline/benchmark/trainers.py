@@ -5,13 +5,13 @@ from dataclasses import dataclass
 import torch
 
 from ssl_pipeline.benchmark.data import CONSTANT_SCHEDULE_STEPS, IMPLEMENTATIONS, SEED, STAGES, Split, endless
-from ssl_pipeline.data import Normalizer, device_generator, shuffled_batches
-from ssl_pipeline.finetune import supervised_loss
-from ssl_pipeline.models import Classifier, build_encoder, prepare
+from ssl_pipeline.core.data import Normalizer, device_generator, shuffled_batches
+from ssl_pipeline.stages.finetune import supervised_loss
+from ssl_pipeline.core.models import Classifier, build_encoder, prepare
 from ssl_pipeline.objectives import build_objective
-from ssl_pipeline.preprocess import normalization_statistics
-from ssl_pipeline.pretrain import contrastive_loss
-from ssl_pipeline.training import adamw, optimisation_step, warmup_cosine
+from ssl_pipeline.stages.preprocess import normalization_statistics
+from ssl_pipeline.stages.pretrain import contrastive_loss
+from ssl_pipeline.core.training import adamw, optimisation_step, warmup_cosine
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def build_trainer(stage: str, implementation: str, config: dict, train: Split, r
     else:
         # The tutorial recipe: per-sample PIL transforms in DataLoader workers. Imported here so that
         # torchvision and PIL count in the reference's memory figures, not in ours.
-        from ssl_pipeline import reference
+        from ssl_pipeline.benchmark import reference
 
         size = list(image_shape[1:])
         if stage == "pretrain":

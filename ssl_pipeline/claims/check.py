@@ -21,10 +21,10 @@ import math
 
 import yaml
 
-from ssl_pipeline.artifacts import atomic_path
+from ssl_pipeline.core.artifacts import atomic_path
 from ssl_pipeline.claims import statistics
-from ssl_pipeline.html_table import write_html_table
-from ssl_pipeline.results_table import SCRATCH, pretraining_frame, runs_frame
+from ssl_pipeline.core.html_table import write_html_table
+from ssl_pipeline.core.results_table import SCRATCH, pretraining_frame, runs_frame
 
 log = logging.getLogger(__name__)
 METRICS = ("linear_probe_accuracy", "knn_accuracy", "test_accuracy", "pretraining_gain")

@@ -7,10 +7,10 @@ import sys
 # This workflow's checkout: workflow.basedir is the deploying project's when it runs as a module.
 ROOT = os.path.dirname(os.path.dirname(str(workflow.current_basedir)))
 sys.path.insert(0, ROOT)
-from ssl_pipeline.config import complete_config, validate_config
-from ssl_pipeline.raw_files import all_raw_paths
-from ssl_pipeline.settings import OBJECTIVE_SECTIONS, rule_settings
-from ssl_pipeline.sweeps import applies_to, pretraining_variants, run_name, sweep_variants
+from ssl_pipeline.core.config import complete_config, validate_config
+from ssl_pipeline.core.raw_files import all_raw_paths
+from ssl_pipeline.core.settings import OBJECTIVE_SECTIONS, rule_settings
+from ssl_pipeline.core.sweeps import applies_to, pretraining_variants, run_name, sweep_variants
 
 # config holds the keys given (--configfile, --config, or a deploying project's config/config.yaml): they go
 # over the defaults and the experiments they name (key experiment), in place, since modules share the dict.
@@ -29,7 +29,7 @@ RAW = f"{RESULTS}/raw"
 DATA = f"{RESULTS}/data"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
-# Resume state of training jobs: not an output, so it survives a failed job (ssl_pipeline/resume.py).
+# Resume state of training jobs: not an output, so it survives a failed job (ssl_pipeline/core/resume.py).
 RESUME = f"{RESULTS}/resume"
 SPLITS = ("train", "val", "test")
 
@@ -40,7 +40,7 @@ def split_files(*splits):
 
 OBJECTIVES = config["pretrain"]["objectives"]
 # The identity of a pretraining run, one path scheme for every stage that follows it: objective, sweep
-# variant (ssl_pipeline/sweeps.py; "base" without a sweep) and pretraining seed.
+# variant (ssl_pipeline/core/sweeps.py; "base" without a sweep) and pretraining seed.
 PRETRAINING = "{objective}/{variant}/seed{pretrain_seed}"
 ENCODER = f"{RESULTS}/pretrain/{PRETRAINING}/encoder.pt"
 # A fine-tuning run: its init is the pretraining run whose encoder it starts from, or scratch.
@@ -58,7 +58,7 @@ wildcard_constraints:
 
 
 def settings_of(rule_name):
-    """JSON of the config keys `rule_name` reads (ssl_pipeline/settings.py): a param, so changing one
+    """JSON of the config keys `rule_name` reads (ssl_pipeline/core/settings.py): a param, so changing one
     of them reruns the rule's jobs, and only those. Jobs of one objective read its section only."""
 
     def settings(wildcards):

@@ -1,7 +1,7 @@
 """Forward passes without gradients, in large slices, for validation, testing and embeddings."""
 import torch
 
-from ssl_pipeline.data import batched
+from ssl_pipeline.core.data import batched
 
 INFERENCE_BATCH = 1024
 

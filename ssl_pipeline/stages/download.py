@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssl_pipeline.artifacts import atomic_path, file_digest
+from ssl_pipeline.core.artifacts import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20

@@ -1,6 +1,6 @@
 """`make gpu-check` / `gpu-bundle/run`: one command that proves the CUDA path on a machine with an NVIDIA GPU.
 
-    python -m ssl_pipeline.gpu_check [--bundle gpu-bundle] [--budget 480] [--steps ...] [--device cuda]
+    python -m ssl_pipeline.tools.gpu_check [--bundle gpu-bundle] [--budget 480] [--steps ...] [--device cuda]
 
 Made for an offline GPU node (docs/performance-gpu.md, "On an offline GPU node"): a preinstalled PyTorch, no package index,
 no dataset host, no git, no make, and about 8 minutes. With --bundle (what `make gpu-bundle` writes), the
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from ssl_pipeline.artifacts import file_digest, write_json
-from ssl_pipeline.runtime import available_cpus
+from ssl_pipeline.core.artifacts import file_digest, write_json
+from ssl_pipeline.core.runtime import available_cpus
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PERFORMANCE = Path("results/performance")
 STEP_RECORDS = PERFORMANCE / "gpu-check"
 DAG_COPIES = Path("results/gpu-check")
@@ -260,7 +260,7 @@ def publish(summary: dict, started_wall: float) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.tools.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None,
                         help="what `make gpu-bundle` wrote: install its wheels, use its data as the mirror")

@@ -1,6 +1,6 @@
 """The configuration reference, docs/configuration.md, rendered from the config schema so it cannot drift.
 
-`python -m ssl_pipeline.config_reference` writes the page; `--check` writes nothing and exits 1, naming
+`python -m ssl_pipeline.tools.config_reference` writes the page; `--check` writes nothing and exits 1, naming
 the file, when the page on disk differs from what the schema gives (tests/test_docs.py runs the check).
 
 One table per top-level group of workflow/schemas/config.schema.yaml, one row per key: its path with
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
 OUT = Path("docs/configuration.md")
-COMMAND = "python -m ssl_pipeline.config_reference"
+COMMAND = "python -m ssl_pipeline.tools.config_reference"
 
 
 def _resolve(node: dict, schema: dict) -> dict:

@@ -1,6 +1,6 @@
 """DVC versions what the Snakemake DAG produces.
 
-`python -m ssl_pipeline.versioning <command>` (the Makefile wraps each):
+`python -m ssl_pipeline.tools.versioning <command>` (the Makefile wraps each):
     dvc-yaml  write dvc.yaml from the Snakemake DAG: one stage per rule (a `foreach` over its jobs),
               whose cmd runs Snakemake for that job's outputs, so `dvc repro` and `dvc exp run` use
               the same rules and envs; `--check` fails instead when the file on disk differs
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import yaml
 
-from ssl_pipeline.settings import has_key, rule_leaf_keys
-from ssl_pipeline.stage_code import PACKAGE, stage_files, stage_of_command
+from ssl_pipeline.core.settings import has_key, rule_leaf_keys
+from ssl_pipeline.core.stage_code import PACKAGE, stage_files, stage_of_command
 
 DVC_YAML = "dvc.yaml"
 DEFAULT_CONFIG = "config/config.yaml"
 HEADER = """\
-# Generated from the Snakemake DAG by `make dvc-yaml` (python -m ssl_pipeline.versioning dvc-yaml).
+# Generated from the Snakemake DAG by `make dvc-yaml` (python -m ssl_pipeline.tools.versioning dvc-yaml).
 # Do not edit: tests/test_dvc.py fails when this file differs from what that command writes.
 # Each stage runs Snakemake for its job's outputs, so DVC and Snakemake share rules and envs.
 """
@@ -371,7 +371,7 @@ def mark_current_in_snakemake(workdir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.versioning", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.tools.versioning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("dvc-yaml", help="write dvc.yaml from the Snakemake DAG")

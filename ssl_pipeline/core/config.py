@@ -47,7 +47,7 @@ def semantic_errors(config: dict) -> list:
 
 def sweep_errors(config: dict) -> list:
     """Sweeps that name no pretraining setting, fine-tuned variants no sweep defines, missing claim files."""
-    from ssl_pipeline.sweeps import SweepError, sweep_variants
+    from ssl_pipeline.core.sweeps import SweepError, sweep_variants
 
     try:
         variants = sweep_variants(config)
@@ -59,7 +59,7 @@ def sweep_errors(config: dict) -> list:
     errors += [f"config key claims.files: {path} does not exist" for path in missing]
     if config["claims"]["files"] and not missing:
         from ssl_pipeline.claims.check import ClaimError, load_claims
-        from ssl_pipeline.sweeps import run_name
+        from ssl_pipeline.core.sweeps import run_name
 
         names = {variant: run_name(config, variant) for variant in variants}
         try:  # a claim that cannot be read fails now, not after hours of training

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # ssl_pipeline/
 ENTRY = "ssl_pipeline.__main__"
 
 
@@ -22,7 +22,7 @@ def stage_of_command(shell_command: str) -> str:
 
 
 def module_path(module: str) -> Path:
-    """'ssl_pipeline.pretrain' -> pretrain.py; a subpackage ('ssl_pipeline.objectives') -> its __init__.py."""
+    """'ssl_pipeline.stages.pretrain' -> pretrain.py; a subpackage ('ssl_pipeline.objectives') -> its __init__.py."""
     path = PACKAGE.joinpath(*module.split(".")[1:])
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 

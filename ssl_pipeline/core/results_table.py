@@ -7,7 +7,7 @@ seeds are both seeds of the pipeline: the statistics of a method pool them.
 import pandas as pd
 
 SCRATCH = "scratch"
-BASE = "base"  # ssl_pipeline.sweeps.BASE, not imported: that module needs Snakemake, the report's env has none
+BASE = "base"  # ssl_pipeline.core.sweeps.BASE, not imported: that module needs Snakemake, the report's env has none
 RUN_COLUMNS = ["init", "objective", "variant", "pretrain_seed", "label_fraction", "seed", "accuracy", "labeled_images"]
 
 

@@ -3,7 +3,7 @@ and its front page (workflow/report/workflow.rst) embeds the same fragments, so 
 the claims and label-efficiency tables without a click."""
 import html
 
-from ssl_pipeline.artifacts import write_text
+from ssl_pipeline.core.artifacts import write_text
 
 # Scoped to these tables: the fragment also lands inside Snakemake's own page.
 STYLE = ("table.results{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"

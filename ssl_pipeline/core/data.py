@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_pipeline.artifacts import read_json
+from ssl_pipeline.core.artifacts import read_json
 
 
 def load_array(path, device, dtype=None) -> torch.Tensor:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ssl_pipeline.artifacts import atomic_path
-from ssl_pipeline.training import restore_optimisation
+from ssl_pipeline.core.artifacts import atomic_path
+from ssl_pipeline.core.training import restore_optimisation
 
 log = logging.getLogger(__name__)
 

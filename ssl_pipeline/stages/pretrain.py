@@ -2,21 +2,21 @@
 
 This module is handed the images and their normalisation statistics, never a label file; the
 tests check that no label file is opened while it runs. Under torchrun it runs data-parallel
-(ssl_pipeline/distributed.py).
+(ssl_pipeline/core/distributed.py).
 """
 import logging
 
 import torch
 
-from ssl_pipeline import distributed
+from ssl_pipeline.core import distributed
 from ssl_pipeline.augment import contrastive_view
-from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array
-from ssl_pipeline.models import build_encoder, describe_encoder, encoder_card, prepare
+from ssl_pipeline.core.data import BatchOrder, Normalizer, device_generator, load_array
+from ssl_pipeline.core.models import build_encoder, describe_encoder, encoder_card, prepare
 from ssl_pipeline.objectives import COLLAPSE_FACTOR, build_objective, embedding_std, is_collapsed
-from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
+from ssl_pipeline.core.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
-from ssl_pipeline.runtime import fail_once_if_asked, setup_runtime
-from ssl_pipeline.training import (Stopwatch, adamw, optimisation_step, save_checkpoint, warmup_cosine,
+from ssl_pipeline.core.runtime import fail_once_if_asked, setup_runtime
+from ssl_pipeline.core.training import (Stopwatch, adamw, optimisation_step, save_checkpoint, warmup_cosine,
                                    write_curve)
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def mark_collapse(record: dict, objective_name: str, embedding_dim: int) -> None
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
              settings: dict, model_settings: dict, compute: dict, resume=None, unlabeled_images_path=None) -> dict:
     """settings: config `pretrain`; model_settings: config `model`; compute: config `compute`;
-    resume: the resume file's path and config compute's resume keys (ssl_pipeline/resume.py);
+    resume: the resume file's path and config compute's resume keys (ssl_pipeline/core/resume.py);
     unlabeled_images_path: extra images without labels (config dataset.unlabeled), trained on beside the
     train split.
     Run by torchrun as several processes, each trains on its shard and rank 0 writes the outputs."""

@@ -9,10 +9,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ssl_pipeline.artifacts import atomic_path, write_json, write_text  # noqa: E402
+from ssl_pipeline.core.artifacts import atomic_path, write_json, write_text  # noqa: E402
 from ssl_pipeline.claims.statistics import describe  # noqa: E402
-from ssl_pipeline.html_table import write_html_table  # noqa: E402
-from ssl_pipeline.results_table import SCRATCH, method_name, runs_frame  # noqa: E402
+from ssl_pipeline.core.html_table import write_html_table  # noqa: E402
+from ssl_pipeline.core.results_table import SCRATCH, method_name, runs_frame  # noqa: E402
 
 log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["init", "objective", "variant", "pretrain_seed", "label_fraction", "seed", "mode",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_pipeline.artifacts import atomic_path, file_digest as sha256_of, read_json, write_json
+from ssl_pipeline.core.artifacts import atomic_path, file_digest as sha256_of, read_json, write_json
 from ssl_pipeline.datasets import DatasetFormatError, RawDataset, read_dataset, read_unlabeled
 
 log = logging.getLogger(__name__)

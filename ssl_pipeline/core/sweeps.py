@@ -17,6 +17,8 @@ import copy
 import functools
 import json
 
+from ssl_pipeline.core.config_keys import NOT_JOB_SETTINGS, has_key, lookup, other_objectives
+
 BASE = "base"
 
 
@@ -25,8 +27,6 @@ class SweepError(ValueError):
 
 
 def _columns(config: dict, sweep: str, keys: dict) -> dict:
-    from ssl_pipeline.settings import NOT_JOB_SETTINGS, has_key, lookup
-
     if not isinstance(keys, dict) or not keys:
         raise SweepError(f"config sweeps.{sweep}: give one or more pretrain keys, each with a list of values")
     lengths = set()
@@ -52,8 +52,6 @@ def _sweep_variants(config: dict) -> dict:
     """name -> {dotted key: value} for every row of every sweep, plus the base config."""
     import pandas as pd
     from snakemake.utils import Paramspace
-
-    from ssl_pipeline.settings import lookup
 
     variants = {BASE: {}}
     columns_seen = {}
@@ -100,8 +98,6 @@ def pretraining_variants(config: dict) -> list:
 def applies_to(config: dict, variant: str, objective: str) -> bool:
     """Whether the variant changes anything for `objective`: a sweep of simclr's temperature has no
     byol run of its own (it would repeat byol's base run)."""
-    from ssl_pipeline.settings import other_objectives
-
     overrides = sweep_variants(config)[run_name(config, variant)]
     return not overrides or any(not other_objectives(key, objective) for key in overrides)
 

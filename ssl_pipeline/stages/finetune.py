@@ -7,16 +7,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_pipeline.artifacts import read_json
+from ssl_pipeline.core.artifacts import read_json
 from ssl_pipeline.augment import supervised_view
-from ssl_pipeline.data import BatchOrder, Normalizer, device_generator, load_array, load_labels
-from ssl_pipeline.distributed import Ranks
-from ssl_pipeline.inference import accuracy
-from ssl_pipeline.models import Classifier, build_encoder, describe_encoder, encoder_card, prepare
-from ssl_pipeline.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
+from ssl_pipeline.core.data import BatchOrder, Normalizer, device_generator, load_array, load_labels
+from ssl_pipeline.core.distributed import Ranks
+from ssl_pipeline.core.inference import accuracy
+from ssl_pipeline.core.models import Classifier, build_encoder, describe_encoder, encoder_card, prepare
+from ssl_pipeline.core.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
-from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import (Stopwatch, adamw, load_checkpoint, optimisation_step, pretraining_identity,
+from ssl_pipeline.core.runtime import setup_runtime
+from ssl_pipeline.core.training import (Stopwatch, adamw, load_checkpoint, optimisation_step, pretraining_identity,
                                    save_checkpoint, warmup_cosine, write_curve)
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
              label_fraction: float, seed: int, settings: dict, model_settings: dict, compute: dict,
              resume=None) -> dict:
     """data_dir: preprocess's output directory; encoder_path: None when init is 'scratch'; resume: the
-    resume file's path and config compute's resume keys (ssl_pipeline/resume.py)."""
+    resume file's path and config compute's resume keys (ssl_pipeline/core/resume.py)."""
     # ---- setup ------------------------------------------------------------------------------------
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")

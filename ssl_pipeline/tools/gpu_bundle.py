@@ -1,6 +1,6 @@
 """`make gpu-bundle`: everything the GPU check needs that an offline GPU node lacks, in one folder.
 
-    python -m ssl_pipeline.gpu_bundle [--out gpu-bundle] [--python-version 3.12] [--platform ...]
+    python -m ssl_pipeline.tools.gpu_bundle [--out gpu-bundle] [--python-version 3.12] [--platform ...]
 
 The node (docs/performance-gpu.md, "On an offline GPU node") has a preinstalled PyTorch and no
 package index, no dataset host, no project environment. The bundle holds:
@@ -23,27 +23,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ssl_pipeline.artifacts import file_digest
-from ssl_pipeline.config import load_config
+from ssl_pipeline.core.artifacts import file_digest
+from ssl_pipeline.core.config import load_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO / "requirements-gpu-node.txt"
 MANIFEST = "manifest.json"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 MIB = 2 ** 20
 RUN_SCRIPT = """#!/bin/sh
 # The GPU check from this bundle: run it from anywhere; it works in the checkout this folder sits in.
-# Extra arguments go to python -m ssl_pipeline.gpu_check (--budget SECONDS, --steps ..., --device ...).
+# Extra arguments go to python -m ssl_pipeline.tools.gpu_check (--budget SECONDS, --steps ..., --device ...).
 # PYTHON: the interpreter with the node's PyTorch (default: python3 on PATH).
 set -e
 bundle=$(cd "$(dirname "$0")" && pwd)
 checkout=$(dirname "$bundle")
-if [ ! -f "$checkout/ssl_pipeline/gpu_check.py" ]; then
+if [ ! -f "$checkout/ssl_pipeline/tools/gpu_check.py" ]; then
     echo "gpu-bundle/run: $checkout is not a checkout of the pipeline: copy this folder into its top level" >&2
     exit 2
 fi
 cd "$checkout"
-exec "${PYTHON:-python3}" -m ssl_pipeline.gpu_check --bundle "$bundle" "$@"
+exec "${PYTHON:-python3}" -m ssl_pipeline.tools.gpu_check --bundle "$bundle" "$@"
 """
 
 
@@ -110,7 +110,7 @@ def check_wheels(pins: list, wheels: Path) -> None:
 def copy_data(config: dict, data: Path) -> list:
     """The dataset's raw IDX files from a local mirror (or the download rule's results/raw), checked against the config's
     sha256 of the decompressed content (the download rule's test), copied as the mirror holds them."""
-    from ssl_pipeline.download import is_local, local_directory  # noqa: PLC0415 (only the bundle needs it)
+    from ssl_pipeline.stages.download import is_local, local_directory  # noqa: PLC0415 (only the bundle needs it)
 
     dataset = config["dataset"]
     if dataset["format"] != "idx":
@@ -173,7 +173,7 @@ def build(out: Path, python_version: str, platforms, requirements: Path, configf
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.gpu_bundle", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ssl_pipeline.tools.gpu_bundle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "gpu-bundle")
     parser.add_argument("--python-version", default="3.12", help="the node's Python (default %(default)s)")

@@ -6,12 +6,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_pipeline.artifacts import read_json, write_json
-from ssl_pipeline.data import Normalizer, load_array, load_labels
-from ssl_pipeline.inference import embed, predict
-from ssl_pipeline.models import Classifier, build_encoder, prepare
-from ssl_pipeline.runtime import setup_runtime
-from ssl_pipeline.training import load_checkpoint, pretraining_identity
+from ssl_pipeline.core.artifacts import read_json, write_json
+from ssl_pipeline.core.data import Normalizer, load_array, load_labels
+from ssl_pipeline.core.inference import embed, predict
+from ssl_pipeline.core.models import Classifier, build_encoder, prepare
+from ssl_pipeline.core.runtime import setup_runtime
+from ssl_pipeline.core.training import load_checkpoint, pretraining_identity
 
 log = logging.getLogger(__name__)
 KNN_QUERY_CHUNK = 1024

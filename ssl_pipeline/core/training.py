@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ssl_pipeline.artifacts import atomic_path
+from ssl_pipeline.core.artifacts import atomic_path
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
