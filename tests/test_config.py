@@ -1,5 +1,6 @@
 """The config documents itself: every key is validated, described, defaulted and commented."""
 import copy
+import shutil
 import re
 
 import pytest
@@ -141,3 +142,13 @@ def test_experiment_smoke_gives_the_config_of_the_smoke_file():
     assert by_file != complete_config({}, defaults)
     with pytest.raises(ConfigError, match=r"config key experiment: 'smoke/../smoke' is not an experiment of"):
         complete_config({"experiment": "smoke/../smoke"}, defaults)
+
+
+def test_an_experiment_named_in_the_defaults_file_applies_too(tmp_path):
+    """`experiment: smoke` written into config/config.yaml itself (not only in the keys given) selects it."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    defaults = tmp_path / "config" / "config.yaml"
+    defaults.write_text(defaults.read_text().replace("\nexperiment: null\n", "\nexperiment: smoke\n"))
+    smoke = yaml.safe_load((REPO / "config" / "experiments" / "smoke.yaml").read_text())
+    assert complete_config({}, defaults)["pretrain"]["epochs"] == smoke["pretrain"]["epochs"] == 1
+    assert complete_config({"experiment": None}, defaults)["pretrain"]["epochs"] == 5

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_pipeline.tools.versioning import VersioningError, check_dvc_yaml, locked_outputs
+from ssl_pipeline.tools.versioning import VersioningError, check_dvc_yaml, locked_outputs, param_sources
 from tests.conftest import REPO, SMOKE, copy_workflow, snakemake, tool_env
 
 pytestmark = pytest.mark.workflow
@@ -251,3 +251,13 @@ def test_an_objectives_key_reruns_its_own_stages_and_another_objectives_key_none
     assert ran == {"pretrain_simclr", "knn_probe_simclr", "linear_probe_simclr", "finetune_simclr-base-seed0@0.1",
                    "finetune_simclr-base-seed0@1", "evaluate@simclr-base-seed0-0.1", "evaluate@simclr-base-seed0-1",
                    "report"}
+
+
+def test_keys_an_experiment_named_by_key_sets_are_tracked_in_its_file(tmp_path):
+    """With `experiment: smoke` in a config file, DVC tracks smoke.yaml's keys there, the rest in the
+    defaults, and the file's own keys in the file."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    (workdir / "mine.yaml").write_text(yaml.safe_dump({"experiment": "smoke", "finetune": {"epochs": 2}}))
+    sources = param_sources(["pretrain.epochs", "pretrain.learning_rate", "finetune.epochs"], ["mine.yaml"], workdir)
+    assert sources == [{"config/config.yaml": ["pretrain.learning_rate"]},
+                       {"config/experiments/smoke.yaml": ["pretrain.epochs"]}, {"mine.yaml": ["finetune.epochs"]}]

@@ -85,10 +85,12 @@ def complete_config(given: dict, defaults_path) -> dict:
     the given key `experiment` names (a name or a list of names of config/experiments/<name>.yaml beside
     the defaults, in order), then the given keys themselves. The workflow builds its config so
     (workflow/rules/common.smk): `snakemake --configfile config/experiments/smoke.yaml` gives the same as a
-    deploying project's config/config.yaml that holds only `experiment: smoke`."""
+    deploying project's config/config.yaml that holds only `experiment: smoke`. Keys given win over the
+    experiments even where they equal the defaults: a deploying project should keep only the keys it
+    changes, not a full copy of the defaults."""
     defaults_path = Path(defaults_path)
     config = yaml.safe_load(defaults_path.read_text())
-    names = given.get("experiment")
+    names = given.get("experiment", config.get("experiment"))  # set in the defaults file counts too
     experiments = defaults_path.parent / "experiments"
     for name in [] if names is None else [names] if isinstance(names, str) else names:
         path = experiments / f"{name}.yaml"

@@ -194,24 +194,37 @@ def step_commands(python: str, device: str, tiny: bool, raw_dir) -> dict:
     }
 
 
+def signal_group(pgid: int, number) -> None:
+    try:
+        os.killpg(pgid, number)
+    except ProcessLookupError:  # the whole group has already exited
+        pass
+
+
 def run_step(name: str, command: list, directory: Path, log_path: Path, timeout: float, environment: dict) -> dict:
     """Run one step under its cap; past it, SIGTERM to its process group (Snakemake and the benchmark
-    stop cleanly on it), then SIGKILL after a grace period."""
+    stop cleanly on it), then SIGKILL after a grace period. Whatever ends the step (its end, the cap, an
+    interrupt of the check itself), no process of its group outlives it: the next step gets the GPU."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO / directory, stdout=log, stderr=subprocess.STDOUT,
                                    env=environment, start_new_session=True)
+        status = None
         try:
-            returncode, status = process.wait(timeout=timeout), None
+            returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                pass
             returncode, status = process.returncode, f"timed out after its cap of {timeout:.0f} s"
+        finally:
+            signal_group(process.pid, signal.SIGKILL)  # what is left of the group, if anything
+            process.wait()
+        if returncode is None:
+            returncode = process.returncode
     return {"step": name, "command": " ".join(command), "directory": str(directory), "log": str(log_path),
             "seconds": round(time.perf_counter() - started, 1), "cap_seconds": round(timeout),
             "returncode": returncode,
@@ -318,7 +331,10 @@ def main(argv=None) -> int:
         print(f"gpu-check: {step.name} (cap {min(step.cap, left):.0f} s) ...", flush=True)
         record = run_step(step.name, command, directory, REPO / STEP_RECORDS / f"{step.name}.log",
                           min(step.cap, left), environment)
-        record["figures"] = figures(step.name, figures_path, record)
+        try:
+            record["figures"] = figures(step.name, figures_path, record)
+        except (OSError, KeyError, ValueError, ElementTree.ParseError) as error:  # the record must still be written
+            record["figures"] = f"passed, but its figures could not be read: {error!r}"
         write_json(REPO / STEP_RECORDS / f"{step.name}.json", record)
         summary["steps"].append(record)
         rows.append(f"| {step.name} | {record['seconds']:.0f} | {record['figures']} |")

@@ -125,9 +125,16 @@ def as_template(path: str, patterns, wildcards: dict) -> str:
 
 
 def param_sources(keys: list, configfiles: list, workdir: Path) -> list:
-    """[{config file: the keys it sets last}]; Snakemake lets later --configfile files override."""
-    files = [DEFAULT_CONFIG] + list(configfiles)
-    contents = {name: yaml.safe_load((workdir / name).read_text()) or {} for name in files}
+    """[{config file: the keys it sets last}]; Snakemake lets later --configfile files override. The
+    experiments named by key `experiment` (ssl_pipeline/core/config.py) come between the defaults and the
+    config files, as the workflow merges them."""
+    given = [DEFAULT_CONFIG] + list(configfiles)
+    contents = {name: yaml.safe_load((workdir / name).read_text()) or {} for name in given}
+    names = next((contents[name]["experiment"] for name in reversed(given) if "experiment" in contents[name]), None)
+    experiments = [f"config/experiments/{name}.yaml" for name in
+                   ([] if names is None else [names] if isinstance(names, str) else names)]
+    files = [DEFAULT_CONFIG] + experiments + list(configfiles)
+    contents.update({name: yaml.safe_load((workdir / name).read_text()) or {} for name in experiments})
     sources = defaultdict(list)
     for key in keys:
         setting = [name for name in files if has_key(contents[name], key)]

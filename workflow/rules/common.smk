@@ -4,8 +4,15 @@ import os
 import shlex
 import sys
 
+from snakemake.exceptions import WorkflowError
+
 # This workflow's checkout: workflow.basedir is the deploying project's when it runs as a module.
 ROOT = os.path.dirname(os.path.dirname(str(workflow.current_basedir)))
+if not os.path.isfile(os.path.join(ROOT, "ssl_pipeline", "__main__.py")):
+    raise WorkflowError(
+        f"this workflow runs from a local checkout (its rules call its Python package), not from {ROOT}: "
+        "clone the release (git clone --branch <tag> ...) and point the module's snakefile: at its Snakefile"
+    )
 sys.path.insert(0, ROOT)
 from ssl_pipeline.core.config import complete_config, validate_config
 from ssl_pipeline.core.raw_files import all_raw_paths
