@@ -5,6 +5,7 @@ is scheduled on it and sees CUDA_VISIBLE_DEVICES, but torch finds no CUDA device
 training falls back to the CPU and its numbers must equal those of a local run.
 """
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -297,3 +298,41 @@ def test_a_job_near_its_time_limit_stops_itself_and_its_retry_resumes_to_the_sam
     assert f"resuming from results/resume/pretrain/simclr/base/seed0.pt after epoch {epoch}, step {step} of 8" in log
     assert not (workdir / "results" / "resume" / "pretrain" / "simclr" / "base" / "seed0.pt").exists()
     assert_same_encoder(workdir, reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cluster script
+# ---------------------------------------------------------------------------------------------------
+
+def start_slurm(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / ".ci" / "start-slurm"), *arguments], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_start_slurm_brings_up_two_nodes_on_this_machine_and_one_again(slurm_cluster):
+    """`.ci/start-slurm --nodes 2`: two slurmd, n1 and n2, on this host, each running one task of a
+    two-node step; the host's names resolve on the machine itself (IPv4, IPv6 and the IPv4-mapped
+    address c10d asks for). Then the one-node cluster the other tests use comes back. Last in this file:
+    it restarts the cluster."""
+    require(Path("/etc/slurm").exists() and os.geteuid() == 0, "the cluster script needs root")
+    try:
+        started = start_slurm("--nodes", "2")
+        assert started.returncode == 0, started.stdout + started.stderr
+        nodes = subprocess.run(["sinfo", "-N", "--noheader", "--states=idle", "--format=%N"], capture_output=True,
+                               text=True, check=True).stdout.split()
+        assert sorted(set(nodes)) == ["n1", "n2"]
+        step = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c",
+                               "echo $SLURMD_NODENAME $SLURM_PROCID"], capture_output=True, text=True, timeout=60)
+        assert sorted(step.stdout.split("\n")[:2]) == ["n1 0", "n2 1"], step.stdout + step.stderr
+        again = start_slurm("--nodes", "2")
+        assert "already up" in again.stdout
+        host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+        hosts = [line.split() for line in Path("/etc/hosts").read_text().splitlines() if line.strip()]
+        for address in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+            assert any(fields[0] == address and host in fields[1:] for fields in hosts), address
+        bad = start_slurm("--nodes", "two")
+        assert bad.returncode == 2 and "--nodes must be a positive whole number, not 'two'" in bad.stderr
+    finally:
+        restored = start_slurm()
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "restarting with 1 node(s) instead of 2" in restored.stdout and cluster_answers()
