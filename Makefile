@@ -12,7 +12,7 @@ EXPERIMENT ?=
 CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).yaml)
 VERSIONING := $(PYTHON) -m ssl_pipeline.tools.versioning
 
-.PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-tiny \
+.PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-preprocess bench-tiny bench-residency \
 	time-to-accuracy race gpu-check gpu-bundle gpu-rehearsal docs
 
 help:  ## list the targets
@@ -64,12 +64,18 @@ pull: $(VENV)/installed  ## dvc pull outputs, then make Snakemake see them as up
 bench: $(VENV)/installed  ## training speed: ours against the PIL + DataLoader recipe and lightly's (about 7 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark speed --out results/performance/speed.json
 
+bench-preprocess: $(VENV)/installed  ## preprocessing images/s: one job against shard jobs on 22,000 synthetic JPEGs (about 2 min on 2 CPUs)
+	$(PYTHON) -m ssl_pipeline.tools.preprocess_benchmark --cores 2 --out results/performance/preprocess.json
+
 bench-tiny: $(VENV)/installed  ## the speed benchmark (lightly rows too) on 512 images, in about 25 s
 	$(PYTHON) -m ssl_pipeline.benchmark speed --tiny --out results/performance/speed-tiny.json
 
 time-to-accuracy: $(VENV)/installed  ## supervised training until test accuracy reaches 0.90, then 0.92
 	$(PYTHON) -m ssl_pipeline.benchmark time-to-accuracy --epochs 12 --time-limit 600 \
 		--out results/performance/time_to_accuracy.json
+
+bench-residency: $(VENV)/installed  ## pretraining images/s with the images on the device, host and disk, warm and cold cache (about 13 min on 2 CPUs)
+	$(PYTHON) -m ssl_pipeline.benchmark residency --out results/performance/residency.json
 
 race: $(VENV)/installed  ## SimCLR pretraining, ours against lightly: kNN accuracy per epoch, time to a target (about 15 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark race --out results/performance/race.json

@@ -36,6 +36,24 @@ def add_resume(parser):
                         help="continue from a resume file of the same settings, of any settings, or never")
 
 
+def memory_limit_argument(text):
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def add_residency(parser):
+    """Where the job keeps its images (config data.residency, data.memory_limit; ssl_pipeline/core/residency.py):
+    resources, not --settings, since the results do not depend on them (NOT_JOB_SETTINGS)."""
+    parser.add_argument("--residency", choices=["auto", "device", "host", "disk"], default="auto",
+                        help="where the images live: the device, (pinned) host memory, memory-mapped on disk, "
+                             "or auto: the first that fits (default %(default)s)")
+    parser.add_argument("--memory-limit", type=memory_limit_argument, default=None,
+                        help="bytes of host memory the images may take (auto chooses within it); none: no limit")
+
+
+def residency_of(args) -> dict:
+    return {"residency": args.residency, "memory_limit": args.memory_limit}
+
+
 def compute_of(args) -> dict:
     return {**args.settings["compute"], "threads": args.threads}
 
@@ -50,31 +68,51 @@ def run_download(args):
     from ssl_pipeline.core.raw_files import dataset_files, raw_paths, unlabeled_files
 
     dataset, retry = args.settings["dataset"], args.settings["download"]
-    policy = RetryPolicy(retry["attempts"], retry["backoff_seconds"], retry["timeout_seconds"])
+    policy = RetryPolicy(retry["attempts"], retry["backoff_seconds"], retry["timeout_seconds"], retry["max_bytes"],
+                         args.progress_seconds)
     paths = raw_paths(dataset, args.out_dir)
     download_dataset(dataset_files(dataset), dataset["mirrors"], paths["dataset"], policy,
-                     archives=dataset["format"] != "idx")
+                     archives=dataset["format"] != "idx", partial_dir=args.partial_dir)
     own = unlabeled_files(dataset)
     if own:
         unlabeled = dataset["unlabeled"]
         download_dataset(own, unlabeled.get("mirrors") or dataset["mirrors"], paths["unlabeled"], policy,
-                         archives="archive" in own)
+                         archives="archive" in own, partial_dir=args.partial_dir)
 
 
 def run_preprocess(args):
-    from ssl_pipeline.datasets import format_options
-    from ssl_pipeline.stages.preprocess import preprocess
-    from ssl_pipeline.core.raw_files import raw_paths
+    from ssl_pipeline.stages.preprocess import preprocess, raw_inputs
 
     dataset, data = args.settings["dataset"], args.settings["data"]
-    paths = raw_paths(dataset, args.raw_dir)
-    options = format_options(dataset)
-    unlabeled = dataset.get("unlabeled")
-    if unlabeled:
-        unlabeled = {"format": unlabeled["format"], "paths": paths["unlabeled"],
-                     "options": {**dataset["image_folder"], "root": unlabeled.get("root", "")}}
-    preprocess(paths["dataset"], args.out_dir, dataset["name"], data["validation_fraction"], data["split_seed"],
+    raw, options, unlabeled = raw_inputs(dataset, args.raw_dir)
+    preprocess(raw, args.out_dir, dataset["name"], data["validation_fraction"], data["split_seed"],
                dataset["class_names"], dataset["format"], options, unlabeled)
+
+
+def run_preprocess_plan(args):
+    from ssl_pipeline.stages.preprocess import raw_inputs
+    from ssl_pipeline.stages.preprocess_shards import plan_shards
+
+    dataset, data = args.settings["dataset"], args.settings["data"]
+    raw, options, unlabeled = raw_inputs(dataset, args.raw_dir)
+    plan_shards(raw, args.out_dir, dataset["name"], data["validation_fraction"], data["split_seed"],
+                args.settings["preprocess"]["shard_images"], dataset["class_names"], dataset["format"], options,
+                unlabeled)
+
+
+def run_preprocess_shard(args):
+    from ssl_pipeline.stages.preprocess import raw_inputs
+    from ssl_pipeline.stages.preprocess_shards import write_shard
+
+    dataset = args.settings["dataset"]
+    raw, options, unlabeled = raw_inputs(dataset, args.raw_dir)
+    write_shard(raw, args.data_dir, args.split, args.shard, dataset["format"], options, unlabeled)
+
+
+def run_preprocess_index(args):
+    from ssl_pipeline.stages.preprocess_shards import write_indexes
+
+    write_indexes(args.data_dir)
 
 
 def run_label_subset(args):
@@ -91,33 +129,35 @@ def run_pretrain(args):
     relaunch_under_torchrun(processes_for(args.settings["pretrain"]["processes"], args.gpus), sys.argv[1:])
     pretrain(args.train_images, args.normalization, args.checkpoint, args.curve,
              args.settings["pretrain"], args.settings["model"], compute_of(args), resume_of(args),
-             args.unlabeled_images)
+             args.unlabeled_images, residency_of(args))
 
 
 def run_finetune(args):
     from ssl_pipeline.stages.finetune import finetune
 
     finetune(args.data_dir, args.subset, args.encoder, args.model, args.curve, args.init, args.fraction,
-             args.seed, args.settings["finetune"], args.settings["model"], compute_of(args), resume_of(args))
+             args.seed, args.settings["finetune"], args.settings["model"], compute_of(args), resume_of(args),
+             residency_of(args))
 
 
 def run_evaluate(args):
     from ssl_pipeline.stages.evaluate import evaluate_classifier
 
-    evaluate_classifier(args.data_dir, args.model, args.metrics, compute_of(args))
+    evaluate_classifier(args.data_dir, args.model, args.metrics, compute_of(args), residency_of(args))
 
 
 def run_knn_probe(args):
     from ssl_pipeline.stages.evaluate import evaluate_knn
 
-    evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"], compute_of(args))
+    evaluate_knn(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"], compute_of(args),
+                 residency_of(args))
 
 
 def run_linear_probe(args):
     from ssl_pipeline.stages.evaluate import evaluate_linear
 
     evaluate_linear(args.data_dir, args.encoder, args.metrics, args.settings["evaluate"]["linear_probe"],
-                    compute_of(args))
+                    compute_of(args), residency_of(args))
 
 
 def run_report(args):
@@ -154,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage = stages.add_parser("download", help="fetch and verify the dataset files")
     add_settings(stage, "dataset.files, dataset.mirrors, download")
     stage.add_argument("--out-dir", required=True)
+    stage.add_argument("--partial-dir", required=True,
+                       help="where partial files wait for the next run to continue them (not an output)")
+    stage.add_argument("--progress-seconds", type=float, required=True,
+                       help="seconds between progress lines (config download.progress_seconds, a resource)")
     stage.set_defaults(run=run_download)
 
     stage = stages.add_parser("preprocess", help="validate IDX files, split, normalise, write the card")
@@ -161,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(stage, "dataset.name, dataset.files, dataset.class_names, data")
     stage.add_argument("--out-dir", required=True)
     stage.set_defaults(run=run_preprocess)
+
+    # Preprocessing in shards (config preprocess.shard_images): plan, one job per shard, then the index.
+    stage = stages.add_parser("preprocess-plan", help="labels, validation split and the plan of the shards")
+    stage.add_argument("--raw-dir", required=True)
+    add_settings(stage, "dataset.*, data.validation_fraction, data.split_seed, preprocess")
+    stage.add_argument("--out-dir", required=True)
+    stage.set_defaults(run=run_preprocess_plan)
+
+    stage = stages.add_parser("preprocess-shard", help="decode the images of one shard of the plan")
+    stage.add_argument("--raw-dir", required=True)
+    add_settings(stage, "dataset.*, data.validation_fraction, data.split_seed, preprocess")
+    stage.add_argument("--data-dir", required=True, help="the plan's directory (results/data)")
+    stage.add_argument("--split", choices=["train", "val", "test", "unlabeled"], required=True)
+    stage.add_argument("--shard", required=True, help="the shard's number, as in its file name (00003)")
+    stage.set_defaults(run=run_preprocess_shard)
+
+    stage = stages.add_parser("preprocess-index", help="check the shards; write the index files, "
+                                                       "normalisation and card")
+    stage.add_argument("--data-dir", required=True)
+    stage.set_defaults(run=run_preprocess_index)
 
     stage = stages.add_parser("label-subset", help="one stratified, nested labeled subset")
     stage.add_argument("--labels", required=True)
@@ -181,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs the scheduler granted the job; with pretrain.processes 'auto', one "
                             "data-parallel process per GPU")
     add_resume(stage)
+    add_residency(stage)
     stage.add_argument("--checkpoint", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_pretrain)
@@ -195,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(stage, "finetune, model, compute")
     add_threads(stage)
     add_resume(stage)
+    add_residency(stage)
     stage.add_argument("--model", required=True)
     stage.add_argument("--curve", required=True)
     stage.set_defaults(run=run_finetune)
@@ -204,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--model", required=True)
     add_settings(stage, "compute")
     add_threads(stage)
+    add_residency(stage)
     stage.add_argument("--metrics", required=True)
     stage.set_defaults(run=run_evaluate)
 
@@ -216,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--encoder", required=True)
         add_settings(stage, keys)
         add_threads(stage)
+        add_residency(stage)
         stage.add_argument("--metrics", required=True)
         stage.set_defaults(run=run)
 

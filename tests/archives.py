@@ -1,5 +1,5 @@
-"""Small archives in the published formats (CIFAR binary, STL-10 binary, image folders), built from given
-arrays, for tests that cannot reach the real ones."""
+"""Small archives in the published formats (CIFAR binary, STL-10 binary, image folders, ILSVRC2012), built
+from given arrays, for tests that cannot reach the real ones."""
 import io
 import tarfile
 import zipfile
@@ -93,6 +93,42 @@ def write_zip(path, members: dict) -> None:
         for name, data in members.items():
             bundle.writestr(name, data)
 
+
+
+def plain_tar_bytes(members: dict) -> bytes:
+    """An uncompressed tar of name -> bytes, in that order (ILSVRC2012's tars are plain)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            add_bytes(tar, name, data)
+    return buffer.getvalue()
+
+
+def imagenet_files(train: dict, val: list, names: dict, jpeg=None) -> dict:
+    """The four files of format imagenet, in ILSVRC2012's and Kaggle's layouts.
+    train: wnid -> uint8 images (N, C, H, W), C 1 (greyscale JPEGs) or 3; val: [(wnid, image)], numbered
+    ILSVRC2012_val_00000001... in that order; names: wnid -> synset name. jpeg: (member name -> bytes) to
+    replace or add members, e.g. a corrupt image. Returns role -> (file name, bytes)."""
+    jpeg = jpeg or {}
+
+    def encoded(image):
+        return png_bytes(image, image_format="JPEG")
+
+    class_tars = {}
+    for wnid, images in train.items():
+        members = {f"{wnid}_{index + 1}.JPEG": encoded(image) for index, image in enumerate(images)}
+        members.update({name.split("/", 1)[1]: data for name, data in jpeg.items() if name.startswith(f"{wnid}.tar/")})
+        class_tars[f"{wnid}.tar"] = plain_tar_bytes(members)
+    val_members = {f"ILSVRC2012_val_{index + 1:08d}.JPEG": encoded(image) for index, (_, image) in enumerate(val)}
+    val_members.update({name: data for name, data in jpeg.items() if "/" not in name})
+    # Kaggle's solution file lists the images in no particular order, each box repeating the wnid.
+    rows = [f"ILSVRC2012_val_{index + 1:08d},{wnid} 1 2 30 40 {wnid} 5 6 20 24"
+            for index, (wnid, _) in reversed(list(enumerate(val)))]
+    return {"archive": ("ILSVRC2012_img_train.tar", plain_tar_bytes(class_tars)),
+            "val_archive": ("ILSVRC2012_img_val.tar", plain_tar_bytes(val_members)),
+            "val_labels": ("LOC_val_solution.csv", ("ImageId,PredictionString\n" + "\n".join(rows) + "\n").encode()),
+            "synsets": ("LOC_synset_mapping.txt",
+                        "".join(f"{wnid} {name}\n" for wnid, name in sorted(names.items())).encode())}
 
 def main(argv=None) -> None:
     """Build the archives the figures of docs/getting-started.md were measured on:

@@ -126,6 +126,7 @@ def test_rule_settings_hold_the_keys_the_rule_reads_and_no_run_list():
     assert "threads" not in settings["compute"] and settings["compute"]["device"] == "auto"
     assert rule_settings(DEFAULT, "download")["dataset"] == {
         "format": "idx", "files": DEFAULT["dataset"]["files"], "archive": None,
+        "imagenet": {"val_archive": None, "val_labels": None, "synsets": None},
         "mirrors": DEFAULT["dataset"]["mirrors"], "unlabeled": None}
 
 

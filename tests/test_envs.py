@@ -31,7 +31,7 @@ def parse_rules() -> dict:
     rules = {}
     for path in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = path.read_text()
-        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^rule (\w+):", text, re.M)]
+        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*(?:rule|checkpoint) (\w+):", text, re.M)]
         for (start, name), (end, _) in zip(starts, starts[1:] + [(len(text), None)]):
             rules[name] = text[start:end]
     return rules
@@ -53,8 +53,9 @@ def pinned_packages(env_path) -> dict:
 
 
 def test_the_workflow_has_the_expected_rules():
-    assert set(RULES) == {"download", "preprocess", "label_subset", "pretrain", "finetune", "evaluate",
-                          "knn_probe", "linear_probe", "claims", "report"}
+    assert set(RULES) == {"download", "preprocess", "preprocess_plan", "preprocess_shard", "preprocess_index",
+                          "label_subset", "pretrain", "finetune", "evaluate", "knn_probe", "linear_probe", "claims",
+                          "report"}
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))

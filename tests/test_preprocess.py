@@ -121,3 +121,12 @@ def test_inconsistent_files_are_rejected_before_anything_is_written(raw, tmp_pat
 def test_class_names_must_match_the_data(raw, tmp_path):
     with pytest.raises(ValueError, match="dataset.class_names lists 2 names, the data has 3 classes"):
         preprocess(raw, tmp_path / "data", "synthetic", 0.25, split_seed=0, class_names=["a", "b"])
+
+
+def test_labels_stay_uint8_up_to_256_classes_and_widen_to_uint16_for_imagenets_1000():
+    from ssl_pipeline.stages.preprocess import label_dtype
+
+    assert label_dtype(10, "x") is np.uint8 and label_dtype(256, "x") is np.uint8
+    assert label_dtype(257, "x") is np.uint16 and label_dtype(1000, "x") is np.uint16
+    with pytest.raises(DatasetFormatError, match="train.tar: 70000 classes; labels are stored as uint16"):
+        label_dtype(70000, "train.tar")

@@ -204,6 +204,13 @@ def test_knn_probe_reports_encoder_and_raw_pixel_accuracy(data_dir, tmp_path, en
     assert metrics["memory_bank_size"] == 180
 
 
+def test_knn_probe_with_k_larger_than_the_memory_bank_lets_every_image_vote(data_dir, tmp_path, encoder_path, caplog):
+    metrics = evaluate_knn(data_dir, encoder_path, tmp_path / "knn.json",
+                           {"knn_k": 1000, "knn_temperature": 0.1}, CPU)
+    assert metrics["k"] == 180 and 0 < metrics["encoder_accuracy"] <= 1
+    assert "config key evaluate.knn_k is 1000 but the memory bank (the train split) holds 180 images" in caplog.text
+
+
 def test_linear_probe_fits_to_convergence_on_frozen_features_and_names_its_pretraining_run(
         data_dir, tmp_path, encoder_path):
     metrics = evaluate_linear(data_dir, encoder_path, tmp_path / "linear.json",

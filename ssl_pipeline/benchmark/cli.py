@@ -7,6 +7,7 @@ from pathlib import Path
 from ssl_pipeline import benchmark
 from ssl_pipeline.core.artifacts import write_json, write_text
 from ssl_pipeline.benchmark import race as race_mode
+from ssl_pipeline.benchmark import residency as residency_mode
 from ssl_pipeline.benchmark.accuracy import accuracy_table, time_to_accuracy
 from ssl_pipeline.benchmark.data import IMPLEMENTATIONS, STAGES, TINY, Plan, default_raw_dir, load_config
 from ssl_pipeline.benchmark.profile import profile
@@ -87,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="DataLoader workers of lightly's trainer (default %(default)s: the fastest here)")
     race.add_argument("--target", type=float, default=None,
                       help="kNN accuracy to time both to (default: the lower of the two final accuracies)")
+    residency = modes.add_parser("residency", help="pretraining images/s with the images on the device, the host "
+                                                   "and the disk (config data.residency), warm and cold page cache")
+    common(residency)
+    residency.add_argument("--out", type=Path, required=True, help="JSON of every figure")
+    residency.add_argument("--data-dir", type=Path, default=Path("results/performance/residency-data"),
+                           help="where the train images are written as the .npy that training reads")
+    residency.add_argument("--steps", type=int, default=30, help="steps of each timed repetition (warm)")
+    residency.add_argument("--warmup", type=int, default=5, help="untimed steps of each residency first")
+    residency.add_argument("--repetitions", type=int, default=3)
+    residency.add_argument("--cold-steps", type=int, default=None,
+                           help="steps timed after dropping the file from the page cache (default: one epoch; 0: "
+                                "no cold measurement)")
     return parser
 
 
@@ -128,6 +141,15 @@ def main(argv=None) -> int:
         write_json(args.out, results)
         race_mode.plot_race(results, args.plot or args.out.with_suffix(".png"))
         print(race_mode.race_table(results))
+    elif args.mode == "residency":
+        if args.tiny:
+            config = {**config, "pretrain": {**config["pretrain"], "batch_size": plan.batch_size}}
+        results = residency_mode.residency_benchmark(
+            config, raw_dir, compute, args.data_dir, 3 if args.tiny else args.steps, 1 if args.tiny else args.warmup,
+            2 if args.tiny else args.repetitions, 2 if args.tiny else args.cold_steps, plan.images, log)
+        results["meta"] = {"command": command, "cpu": residency_mode.cpu_model()}
+        write_json(args.out, results)
+        print(residency_mode.residency_table(results))
     else:
         table = profile(config, raw_dir, compute, args.stage, args.implementation, args.workers, args.steps,
                         plan)

@@ -10,9 +10,16 @@ imports neither, so neither imports the other for these.
 RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume"}
 # So are the pretraining seeds and the sweep's variants (ssl_pipeline/core/sweeps.py): a pretraining job gets
 # its own seed and its variant's overrides.
+# And where training keeps the arrays (config data.residency, data.memory_limit): the batches are the same
+# wherever they live, so editing these reruns nothing; rules pass them as resources, like the resume keys.
+DATA_RESIDENCY_KEYS = {"data.residency", "data.memory_limit"}
+# And how often a download logs its progress: it changes no byte fetched (the download rule passes it as a
+# resource), and rerunning the download would refetch every raw file and rerun the whole DAG.
+DOWNLOAD_PROGRESS_KEYS = {"download.progress_seconds"}
 # And `experiment`: what an experiment selects is already in the other keys (ssl_pipeline/core/config.py).
 NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "finetune.variants",
-                    "pretrain.objectives", "pretrain.seeds", "compute.threads", "experiment", *RESUME_KEYS}
+                    "pretrain.objectives", "pretrain.seeds", "compute.threads", "experiment", *RESUME_KEYS,
+                    *DATA_RESIDENCY_KEYS, *DOWNLOAD_PROGRESS_KEYS}
 # The objectives' config sections, pretrain.<name> (ssl_pipeline/objectives/). A pretraining job reads
 # the section of its own objective only, so that editing one objective's settings reruns its jobs alone.
 OBJECTIVE_SECTIONS = ("simclr", "byol", "vicreg", "barlow_twins", "moco_v2")

@@ -1,4 +1,5 @@
-"""The dataset lives on the training device as uint8, and batches are cut from it there."""
+"""The dataset as uint8 tensors, normalised on the device, and the order of its batches. Where the images
+live (the device, the host or the disk: config data.residency) is ssl_pipeline/core/residency.py."""
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,16 @@ def device_generator(device, seed: int) -> torch.Generator:
     return generator
 
 
+def chunks_of(images, size: int):
+    """Consecutive slices of `images` on the device: a tensor, or an ImageData (ssl_pipeline/core/residency.py),
+    which reads them from where the images live."""
+    if isinstance(images, torch.Tensor):
+        return (images[start:start + size] for start in range(0, len(images), size))
+    return images.chunks(size)
+
+
 @torch.no_grad()
-def batched(function, images: torch.Tensor, batch_size: int):
-    """Apply `function` to consecutive slices of `images` and concatenate the results."""
-    return torch.cat([function(images[start:start + batch_size])
-                      for start in range(0, len(images), batch_size)])
+def batched(function, images, batch_size: int):
+    """Apply `function` to consecutive slices of `images` (a tensor or an ImageData) and concatenate the
+    results."""
+    return torch.cat([function(chunk) for chunk in chunks_of(images, batch_size)])

@@ -8,14 +8,37 @@ class RawFilesError(ValueError):
     pass
 
 
+# Format imagenet's files beside dataset.archive (the train tar), under config dataset.imagenet.
+IMAGENET_FILES = {"val_archive": "the validation tar ILSVRC2012_img_val.tar",
+                  "val_labels": "the validation labels LOC_val_solution.csv",
+                  "synsets": "the synset mapping LOC_synset_mapping.txt"}
+
+
 def dataset_files(dataset: dict) -> dict:
-    """role -> {name, sha256 or md5} of the labeled dataset: the four IDX files, or the one archive."""
+    """role -> {name, sha256 or md5} of the labeled dataset: the four IDX files, or the one archive
+    (imagenet: and the validation tar, its labels and the synset mapping)."""
     if dataset["format"] == "idx":
         return dict(dataset["files"])
     if not dataset.get("archive"):
         raise RawFilesError(f"config key dataset.archive must name the archive of format {dataset['format']!r} "
                             "({name, sha256 or md5})")
+    if dataset["format"] == "imagenet":
+        return imagenet_files(dataset)
     return {"archive": dataset["archive"]}
+
+
+def imagenet_files(dataset: dict) -> dict:
+    """The train tar and three more files, each its own spec: the download installs each by role."""
+    options = dataset.get("imagenet") or {}
+    files = {"archive": dataset["archive"]}
+    for role, what in IMAGENET_FILES.items():
+        if not options.get(role):
+            raise RawFilesError(f"config key dataset.imagenet.{role} must name {what} ({{name, sha256 or md5}})")
+        files[role] = options[role]
+    names = [spec["name"] for spec in files.values()]
+    if len(set(names)) != len(names):
+        raise RawFilesError(f"config keys dataset.archive and dataset.imagenet name the same file twice: {names}")
+    return files
 
 
 def unlabeled_files(dataset: dict):

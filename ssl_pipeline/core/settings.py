@@ -12,10 +12,17 @@ __all__ = ["NOT_JOB_SETTINGS", "OBJECTIVE_SECTIONS", "RESUME_KEYS", "RULE_CONFIG
            "lookup", "other_objectives", "rule_leaf_keys", "rule_settings"]
 
 RULE_CONFIG_KEYS = {
-    "download": ["dataset.format", "dataset.files", "dataset.archive", "dataset.mirrors", "dataset.unlabeled",
+    "download": ["dataset.format", "dataset.files", "dataset.archive", "dataset.imagenet.val_archive",
+                 "dataset.imagenet.val_labels", "dataset.imagenet.synsets", "dataset.mirrors", "dataset.unlabeled",
                  "download"],
     "preprocess": ["dataset.name", "dataset.format", "dataset.files", "dataset.archive", "dataset.class_names",
-                   "dataset.image_folder", "dataset.cifar_binary", "dataset.unlabeled", "data"],
+                   "dataset.image_folder", "dataset.cifar_binary", "dataset.imagenet", "dataset.unlabeled",
+                   "data.validation_fraction", "data.split_seed", "preprocess"],
+    # Preprocessing in shards (config preprocess.shard_images): the plan reads what preprocess reads, a shard
+    # job the format's keys (its images' positions come from the plan); the index job reads the plan only.
+    "preprocess_shard": ["dataset.format", "dataset.files", "dataset.archive", "dataset.image_folder",
+                         "dataset.cifar_binary", "dataset.imagenet", "dataset.unlabeled"],
+    "preprocess_index": [],
     "label_subset": [],
     "pretrain": ["pretrain", "model", "compute"],
     "finetune": ["finetune", "model", "compute"],
@@ -25,6 +32,7 @@ RULE_CONFIG_KEYS = {
     "report": ["report"],
     "claims": ["claims"],
 }
+RULE_CONFIG_KEYS["preprocess_plan"] = RULE_CONFIG_KEYS["preprocess"]
 
 def leaf_keys(config: dict, prefix: str) -> list:
     """Dotted keys of every leaf under `prefix` (lists are leaves), minus NOT_JOB_SETTINGS."""

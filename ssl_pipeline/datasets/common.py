@@ -28,3 +28,14 @@ def records(data: bytes, record_bytes: int, source: str) -> np.ndarray:
 
 def name_lines(data: bytes) -> list:
     return [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class DatasetIndex:
+    """What a format can tell about its images without decoding them: enough to plan the validation split
+    and the shards of sharded preprocessing (ssl_pipeline/stages/preprocess.py), whose jobs then decode
+    only their own images with the format's decode(paths, options, split, positions)."""
+    train_labels: np.ndarray  # int64 (N,), classes 0..K-1, in the order decode numbers the train images
+    test_labels: np.ndarray  # int64 (M,)
+    class_names: list = None
+    sources: dict = None  # as RawDataset.sources

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ssl_pipeline.datasets.archive import read_members
-from ssl_pipeline.datasets.common import DatasetFormatError, RawDataset
+from ssl_pipeline.datasets.common import DatasetFormatError, DatasetIndex, RawDataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -55,7 +55,7 @@ def collect(archive, roots: dict) -> dict:
     return found
 
 
-def decode(archive, name: str, data: bytes, options: dict) -> np.ndarray:
+def decode_image(archive, name: str, data: bytes, options: dict) -> np.ndarray:
     """One image as uint8 (C, H, W), checked, converted and resized as config dataset.image_folder says."""
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -94,7 +94,7 @@ def decode_threads() -> int:
 def stack(archive, items: list, options: dict, threads: int) -> np.ndarray:
     """Decode (member name, bytes) pairs in parallel into one (N, C, H, W) array of one size."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        images = list(pool.map(lambda item: decode(archive, item[0], item[1], options), items))
+        images = list(pool.map(lambda item: decode_image(archive, item[0], item[1], options), items))
     first = images[0].shape
     for (name, _), image in zip(items, images):
         if image.shape != first:
@@ -105,11 +105,17 @@ def stack(archive, items: list, options: dict, threads: int) -> np.ndarray:
     return np.stack(images)
 
 
-def split(archive, classes: dict, class_names: list, options: dict, threads: int, root: str):
+def ordered_members(archive, classes: dict, class_names: list, root: str) -> list:
+    """[(path below the class folder, class index, member name, bytes)] in the split's image order."""
     ordered = sorted((path, index, name, data) for index, class_name in enumerate(class_names)
                      for path, name, data in classes.get(class_name, []))
     if not ordered:
         raise DatasetFormatError(f"{archive}: no PNG or JPEG images under {root!r}")
+    return ordered
+
+
+def split(archive, classes: dict, class_names: list, options: dict, threads: int, root: str):
+    ordered = ordered_members(archive, classes, class_names, root)
     images = stack(archive, [(name, data) for _, _, name, data in ordered], options, threads)
     return images, np.array([index for _, index, _, _ in ordered], dtype=np.int64)
 
@@ -130,11 +136,17 @@ def check_classes(archive, found: dict, train_root: str, test_root: str) -> list
     return sorted(train)
 
 
-def read(paths: dict, options: dict) -> RawDataset:
-    archive, threads = paths["archive"], decode_threads()
+def roots_and_classes(paths: dict, options: dict):
+    """The archive's members by root and class, its class names, and the train and test roots."""
+    archive = paths["archive"]
     train_root, test_root = options["train_root"].strip("/"), options["test_root"].strip("/")
     found = collect(archive, {"train": train_root, "test": test_root})
-    class_names = check_classes(archive, found, train_root, test_root)
+    return found, check_classes(archive, found, train_root, test_root), train_root, test_root
+
+
+def read(paths: dict, options: dict) -> RawDataset:
+    archive, threads = paths["archive"], decode_threads()
+    found, class_names, train_root, test_root = roots_and_classes(paths, options)
     train = split(archive, found[train_root], class_names, options, threads, train_root)
     test = split(archive, found[test_root], class_names, options, threads, test_root)
     if train[0].shape[1:] != test[0].shape[1:]:
@@ -144,11 +156,42 @@ def read(paths: dict, options: dict) -> RawDataset:
                       sources={"train": f"{archive}: {train_root}", "test": f"{archive}: {test_root}"})
 
 
-def read_unlabeled(paths: dict, options: dict) -> np.ndarray:
-    """Every PNG or JPEG under options["root"] (no class folders needed)."""
+def index(paths: dict, options: dict) -> DatasetIndex:
+    """The labels in read()'s order, from the member names alone (sharded preprocessing plans on them)."""
+    archive = paths["archive"]
+    found, class_names, train_root, test_root = roots_and_classes(paths, options)
+    labels = [np.array([label for _, label, _, _ in ordered_members(archive, found[root], class_names, root)],
+                       dtype=np.int64) for root in (train_root, test_root)]
+    return DatasetIndex(*labels, class_names=class_names,
+                        sources={"train": f"{archive}: {train_root}", "test": f"{archive}: {test_root}"})
+
+
+def decode(paths: dict, options: dict, split_name: str, positions) -> np.ndarray:
+    """The images at sorted `positions` of split "train" or "test", in read()'s order; only they are decoded."""
+    found, class_names, train_root, test_root = roots_and_classes(paths, options)
+    root = train_root if split_name == "train" else test_root
+    ordered = ordered_members(paths["archive"], found[root], class_names, root)
+    return stack(paths["archive"], [ordered[p][2:] for p in positions], options, decode_threads())
+
+
+def unlabeled_members(paths: dict, options: dict) -> list:
     archive, root = paths["archive"], options.get("root", "").strip("/")
     items = sorted((name, data) for name, data in read_members(archive, lambda n: relative(n, root) is not None)
                    if name.lower().endswith(EXTENSIONS))
     if not items:
         raise DatasetFormatError(f"{archive}: no PNG or JPEG images under {root or 'its top level'!r}")
-    return stack(archive, items, options, decode_threads())
+    return items
+
+
+def read_unlabeled(paths: dict, options: dict) -> np.ndarray:
+    """Every PNG or JPEG under options["root"] (no class folders needed)."""
+    return stack(paths["archive"], unlabeled_members(paths, options), options, decode_threads())
+
+
+def count_unlabeled(paths: dict, options: dict) -> int:
+    return len(unlabeled_members(paths, options))
+
+
+def decode_unlabeled(paths: dict, options: dict, positions) -> np.ndarray:
+    items = unlabeled_members(paths, options)
+    return stack(paths["archive"], [items[p] for p in positions], options, decode_threads())

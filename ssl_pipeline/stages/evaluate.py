@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from ssl_pipeline.core.artifacts import read_json, write_json
-from ssl_pipeline.core.data import Normalizer, load_array, load_labels
-from ssl_pipeline.core.inference import embed, predict
+from ssl_pipeline.core.arrays import split_images_path
+from ssl_pipeline.core.data import Normalizer, batched, load_labels
+from ssl_pipeline.core.inference import INFERENCE_BATCH, embed, predict
 from ssl_pipeline.core.models import Classifier, build_encoder, prepare
+from ssl_pipeline.core.residency import job_images
 from ssl_pipeline.core.runtime import setup_runtime
 from ssl_pipeline.core.training import load_checkpoint, pretraining_identity
 
@@ -54,14 +56,16 @@ def load_classifier(checkpoint: dict) -> Classifier:
     return model
 
 
-def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict) -> dict:
-    """Test accuracy, per-class accuracy and confusion matrix of one fine-tuned model."""
+def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict, residency=None) -> dict:
+    """Test accuracy, per-class accuracy and confusion matrix of one fine-tuned model. residency: config data's
+    residency and memory_limit (ssl_pipeline/core/residency.py)."""
     runtime = setup_runtime(compute, seed=0)
     checkpoint = load_checkpoint(model_path)
     model = prepare(load_classifier(checkpoint), runtime.device)
-    images = load_array(f"{data_dir}/test_images.npy", runtime.device)
+    images = job_images({"test": ([split_images_path(data_dir, "test")], None)}, runtime.device, residency)["test"]
     labels = load_labels(f"{data_dir}/test_labels.npy", runtime.device)
     predictions = predict(model, images, Normalizer.load(f"{data_dir}/normalization.json", runtime.device), runtime)
+    images.finish()
     run = checkpoint["config"]
     metrics = {
         "init": run["init"], "objective": run["objective"], "variant": run.get("variant"),
@@ -78,9 +82,10 @@ def evaluate_classifier(data_dir, model_path, metrics_path, compute: dict) -> di
 
 
 class ProbeData:
-    """The frozen encoder of a pretraining checkpoint and the labeled train and test splits, on the device."""
+    """The frozen encoder of a pretraining checkpoint and the labeled train and test splits: the labels on
+    the device, the images where config data.residency puts them (read in chunks)."""
 
-    def __init__(self, data_dir, encoder_path, compute: dict):
+    def __init__(self, data_dir, encoder_path, compute: dict, residency=None):
         self.runtime = setup_runtime(compute, seed=0)
         device = self.runtime.device
         checkpoint = load_checkpoint(encoder_path)
@@ -90,20 +95,35 @@ class ProbeData:
         self.encoder = prepare(encoder, device)
         self.normalize = Normalizer.load(f"{data_dir}/normalization.json", device)
         self.num_classes = read_json(f"{data_dir}/card.json")["num_classes"]
-        self.train_images = load_array(f"{data_dir}/train_images.npy", device)
+        held = job_images({split: ([split_images_path(data_dir, split)], None) for split in ("train", "test")},
+                          device, residency)
+        self.train_images, self.test_images = held["train"], held["test"]
         self.train_labels = load_labels(f"{data_dir}/train_labels.npy", device)
-        self.test_images = load_array(f"{data_dir}/test_images.npy", device)
         self.test_labels = load_labels(f"{data_dir}/test_labels.npy", device)
 
     def features(self, images) -> torch.Tensor:
         return embed(self.encoder, images, self.normalize, self.runtime)
 
+    def pixels(self, images) -> torch.Tensor:
+        """uint8 images -> (N, C H W) float in [0, 1], the raw-pixel baseline's features."""
+        return batched(lambda chunk: self.normalize.to_unit(chunk).flatten(1), images, INFERENCE_BATCH)
 
-def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: dict) -> dict:
+    def finish(self) -> None:
+        self.train_images.finish()
+        self.test_images.finish()
+
+
+def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: dict, residency=None) -> dict:
     """kNN test accuracy of the pretrained encoder's features and, for reference, of raw pixels.
-    The labeled training split is the memory bank. settings: config `evaluate`."""
-    data = ProbeData(data_dir, encoder_path, compute)
+    The labeled training split is the memory bank. settings: config `evaluate`; residency: config data's
+    residency and memory_limit."""
+    data = ProbeData(data_dir, encoder_path, compute, residency)
     k, temperature = settings["knn_k"], settings["knn_temperature"]
+    if k > len(data.train_images):
+        # A bank smaller than k (a tiny dataset) has only that many neighbours; every one of them votes.
+        log.warning("config key evaluate.knn_k is %d but the memory bank (the train split) holds %d images: "
+                    "using k = %d", k, len(data.train_images), len(data.train_images))
+        k = len(data.train_images)
 
     def knn_accuracy(train_features, test_features) -> float:
         predictions = knn_predict(train_features, data.train_labels, test_features, data.num_classes, k,
@@ -114,9 +134,9 @@ def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: 
         **data.identity,
         "k": k, "temperature": temperature, "memory_bank_size": len(data.train_images),
         "encoder_accuracy": knn_accuracy(data.features(data.train_images), data.features(data.test_images)),
-        "raw_pixel_accuracy": knn_accuracy(data.normalize.to_unit(data.train_images).flatten(1),
-                                           data.normalize.to_unit(data.test_images).flatten(1)),
+        "raw_pixel_accuracy": knn_accuracy(data.pixels(data.train_images), data.pixels(data.test_images)),
     }
+    data.finish()
     write_json(metrics_path, metrics)
     log.info("kNN accuracy: encoder %.4f, raw pixels %.4f", metrics["encoder_accuracy"],
              metrics["raw_pixel_accuracy"])
@@ -197,14 +217,16 @@ def fit_linear_classifier(features, labels, num_classes, weight_decay: float, ma
     return classifier, iterations, last["gradient"] <= tolerance
 
 
-def evaluate_linear(data_dir, encoder_path, metrics_path, settings: dict, compute: dict) -> dict:
+def evaluate_linear(data_dir, encoder_path, metrics_path, settings: dict, compute: dict, residency=None) -> dict:
     """Linear evaluation (Chen et al. 2020, SimCLR §B.6; Kolesnikov et al. 2019): the encoder frozen, its
     features of the labeled train split computed once and standardised, a multinomial logistic
     regression with L2 penalty fitted on them to convergence, accuracy on the test split. settings:
-    config `evaluate.linear_probe`."""
-    data = ProbeData(data_dir, encoder_path, compute)
+    config `evaluate.linear_probe`; residency: config data's residency and memory_limit."""
+    data = ProbeData(data_dir, encoder_path, compute, residency)
     with torch.no_grad():
         train, test = data.features(data.train_images).float(), data.features(data.test_images).float()
+    data.finish()
+    with torch.no_grad():
         mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
         train, test = (train - mean) / std, (test - mean) / std
     started = time.perf_counter()

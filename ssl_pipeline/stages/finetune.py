@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 from ssl_pipeline.core.artifacts import read_json
 from ssl_pipeline.augment import supervised_view
-from ssl_pipeline.core.data import BatchOrder, Normalizer, device_generator, load_array, load_labels
+from ssl_pipeline.core.arrays import split_images_path
+from ssl_pipeline.core.data import BatchOrder, Normalizer, device_generator, load_labels
 from ssl_pipeline.core.distributed import Ranks
 from ssl_pipeline.core.inference import accuracy
+from ssl_pipeline.core.residency import job_images
 from ssl_pipeline.core.models import Classifier, build_encoder, describe_encoder, encoder_card, prepare
 from ssl_pipeline.core.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
@@ -52,22 +54,25 @@ def supervised_loss(model, normalize, batch, labels, settings: dict, generator, 
 
 def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: str,
              label_fraction: float, seed: int, settings: dict, model_settings: dict, compute: dict,
-             resume=None) -> dict:
+             resume=None, residency=None) -> dict:
     """data_dir: preprocess's output directory; encoder_path: None when init is 'scratch'; resume: the
-    resume file's path and config compute's resume keys (ssl_pipeline/core/resume.py)."""
+    resume file's path and config compute's resume keys (ssl_pipeline/core/resume.py); residency: config
+    data's residency and memory_limit (ssl_pipeline/core/residency.py; None: auto, no limit)."""
     # ---- setup ------------------------------------------------------------------------------------
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     runtime = setup_runtime(compute, seed)
     device = runtime.device
     data_files = {name: f"{data_dir}/{name}.{kind}" for name, kind in [
-        ("card", "json"), ("normalization", "json"), ("train_images", "npy"), ("train_labels", "npy"),
-        ("val_images", "npy"), ("val_labels", "npy")]}
+        ("card", "json"), ("normalization", "json"), ("train_labels", "npy"), ("val_labels", "npy")]}
+    data_files.update({f"{split}_images": str(split_images_path(data_dir, split)) for split in ("train", "val")})
     card = read_json(data_files["card"])
-    subset = torch.from_numpy(np.load(subset_path)).to(device)
-    images = load_array(data_files["train_images"], device)[subset]  # uint8 (n, C, H, W)
+    subset_rows = np.load(subset_path)
+    subset = torch.from_numpy(subset_rows).to(device)
+    held = job_images({"train": ([data_files["train_images"]], subset_rows),
+                       "val": ([data_files["val_images"]], None)}, device, residency)
+    images, val_images = held["train"], held["val"]  # uint8 (n, C, H, W), (n_val, C, H, W)
     labels = load_labels(data_files["train_labels"], device)[subset]
-    val_images = load_array(data_files["val_images"], device)
     val_labels = load_labels(data_files["val_labels"], device)
     normalize = Normalizer.load(data_files["normalization"], device)
 
@@ -85,6 +90,7 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     eval_every = math.ceil(total_steps / settings["evaluations"])
     generator = device_generator(device, seed)
     order = BatchOrder(len(images), settings["batch_size"], generator, device)
+    batches = images.batches(order)
 
     # ---- resume state -----------------------------------------------------------------------------
     job_settings = {"finetune": settings, "model": model_settings, "compute": compute, "init": init,
@@ -116,9 +122,8 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     clock = Stopwatch(device, saved["elapsed_seconds"] if saved else 0.0)
     for step in range(done + 1, total_steps + 1):
         model.train()
-        batch_index = order.next_batch()
-        loss = supervised_loss(model, normalize, images[batch_index], labels[batch_index], settings,
-                               generator, runtime)
+        batch_index, batch = batches.next()  # (B,) and uint8 (B, C, H, W) on the device
+        loss = supervised_loss(model, normalize, batch, labels[batch_index], settings, generator, runtime)
         optimisation_step(loss, optimizer, scheduler)
         running_loss += loss.detach()
         if step % eval_every == 0 or step == total_steps:
@@ -134,6 +139,9 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
         checkpointer.after_step(step, loss, snapshot)
 
     # ---- outputs ----------------------------------------------------------------------------------
+    batches.close()
+    for held_images in held.values():
+        held_images.finish()  # every shard's checksum verified before an output is written
     checkpointer.finish()
     save_checkpoint(model_path, {
         "model": best["state"],

@@ -3,12 +3,13 @@ validation split, labeled subsets and a dataset card.
 
 Everything written here lives in one directory:
     {split}_images.npy   uint8 (N, C, H, W)      for split in train, val, test
-    {split}_labels.npy   uint8 (N,)
+    {split}_labels.npy   uint8 (N,), uint16 with more than 256 classes
     unlabeled_images.npy uint8 (M, C, H, W)      config dataset.unlabeled's images (M = 0 without one)
     normalization.json   per-channel mean/std of the training split, and the image shape
     card.json            counts per class per split, checksums, statistics
 Pretraining reads only train_images.npy, unlabeled_images.npy and normalization.json, never a label
-file.
+file. With config preprocess.shard_images set, ssl_pipeline/stages/preprocess_shards.py writes the same
+files in jobs of a shard each, every {split}_images.npy replaced by an index file over its shards.
 
 Labeled subsets (`write_label_subset`) are separate jobs, one per seed and fraction, so that adding a
 seed or a fraction to the config leaves the data files, and every model trained on them, untouched.
@@ -19,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from ssl_pipeline.core.artifacts import atomic_path, file_digest as sha256_of, read_json, write_json
-from ssl_pipeline.datasets import DatasetFormatError, RawDataset, read_dataset, read_unlabeled
+from ssl_pipeline.core.raw_files import raw_paths
+from ssl_pipeline.datasets import DatasetFormatError, RawDataset, format_options, read_dataset, read_unlabeled
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+# Images per chunk of the normalisation sums (float64 copies of one chunk at a time).
+NORMALIZATION_CHUNK = 4096
 
 
 def save_array(path, array: np.ndarray) -> None:
@@ -91,18 +95,39 @@ def write_label_subset(labels_path, card_path, fraction: float, seed: int, out_p
     return len(indices)
 
 
-def normalization_statistics(images: np.ndarray) -> dict:
+def channel_sums(chunk: np.ndarray):
+    """Per-channel sums of the values and of their squares, in [0, 1] units, of uint8 (n, C, H, W)."""
+    values = chunk.astype(np.float64) / 255.0
+    return values.sum(axis=(0, 2, 3)), np.square(values).sum(axis=(0, 2, 3))
+
+
+def statistics_from_sums(total, squares, count: int, image_shape) -> dict:
+    pixels = count * image_shape[1] * image_shape[2]
+    mean = total / pixels
+    return {"mean": mean.tolist(), "std": np.sqrt(squares / pixels - mean ** 2).tolist(),
+            "image_shape": list(image_shape)}
+
+
+def normalization_statistics(images: np.ndarray, chunk: int = NORMALIZATION_CHUNK) -> dict:
     """Per-channel mean and std in [0, 1] units of uint8 (N, C, H, W) images, summed in chunks: a
-    float64 copy of all of Fashion-MNIST's training images would take 376 MB."""
+    float64 copy of all of Fashion-MNIST's training images would take 376 MB. Sharded preprocessing sums
+    the same chunks (ssl_pipeline/stages/preprocess_shards.py), so that it gets the same figures."""
     total, squares = np.zeros(images.shape[1]), np.zeros(images.shape[1])
-    for start in range(0, len(images), 4096):
-        chunk = images[start:start + 4096].astype(np.float64) / 255.0
-        total += chunk.sum(axis=(0, 2, 3))
-        squares += np.square(chunk).sum(axis=(0, 2, 3))
-    count = len(images) * images.shape[2] * images.shape[3]
-    mean = total / count
-    return {"mean": mean.tolist(), "std": np.sqrt(squares / count - mean ** 2).tolist(),
-            "image_shape": list(images.shape[1:])}
+    for start in range(0, len(images), chunk):
+        chunk_total, chunk_squares = channel_sums(images[start:start + chunk])
+        total += chunk_total
+        squares += chunk_squares
+    return statistics_from_sums(total, squares, len(images), images.shape[1:])
+
+
+def label_dtype(num_classes: int, source) -> type:
+    """uint8 as IDX stores labels, for up to 256 classes (so the arrays of every dataset we had stay byte for
+    byte what they were); uint16 for more (ImageNet's 1,000). Readers widen them to int64."""
+    if num_classes <= 256:
+        return np.uint8
+    if num_classes <= 65536:
+        return np.uint16
+    raise DatasetFormatError(f"{source}: {num_classes} classes; labels are stored as uint16 (65,536 at most)")
 
 
 def class_counts(labels, num_classes) -> list:
@@ -112,6 +137,17 @@ def class_counts(labels, num_classes) -> list:
 # ---------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------
+
+def raw_inputs(dataset: dict, raw_dir):
+    """(raw paths by role, format options, unlabeled source or None) of config dataset, as the
+    preprocessing functions take them; unlabeled: {"format", "paths", "options"}."""
+    paths = raw_paths(dataset, raw_dir)
+    unlabeled = dataset.get("unlabeled")
+    if unlabeled:
+        unlabeled = {"format": unlabeled["format"], "paths": paths["unlabeled"],
+                     "options": {**dataset["image_folder"], "root": unlabeled.get("root", "")}}
+    return paths["dataset"], format_options(dataset), unlabeled
+
 
 def read_unlabeled_source(unlabeled, image_shape) -> np.ndarray:
     """The unlabeled source's images, which must have the labeled images' shape; (0, C, H, W) without one."""
@@ -141,9 +177,8 @@ def preprocess(raw: dict, out_dir, dataset_name: str, validation_fraction: float
             f"are {train_images.shape[1:]}"
         )
     num_classes = check_classes(dataset, class_names)
-    if num_classes > 256:
-        raise DatasetFormatError(f"{dataset.sources['train']}: {num_classes} classes; labels are stored as uint8 (256 at most)")
-    train_labels, test_labels = train_labels.astype(np.uint8), test_labels.astype(np.uint8)  # as IDX stores them
+    dtype = label_dtype(num_classes, dataset.sources["train"])
+    train_labels, test_labels = train_labels.astype(dtype), test_labels.astype(dtype)
     class_names = class_names or dataset.class_names
     unlabeled_images = read_unlabeled_source(unlabeled, train_images.shape[1:])
     log.info("read %d training, %d test and %d unlabeled images of shape %s, %d classes",

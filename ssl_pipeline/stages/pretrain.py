@@ -6,13 +6,16 @@ tests check that no label file is opened while it runs. Under torchrun it runs d
 """
 import logging
 
+import numpy as np
 import torch
 
 from ssl_pipeline.core import distributed
 from ssl_pipeline.augment import contrastive_view
-from ssl_pipeline.core.data import BatchOrder, Normalizer, device_generator, load_array
+from ssl_pipeline.core.arrays import open_array
+from ssl_pipeline.core.data import BatchOrder, Normalizer, device_generator
 from ssl_pipeline.core.models import build_encoder, describe_encoder, encoder_card, prepare
 from ssl_pipeline.objectives import COLLAPSE_FACTOR, build_objective, embedding_std, is_collapsed
+from ssl_pipeline.core.residency import job_images
 from ssl_pipeline.core.resume import (Checkpointer, ResumeFile, job_identity, own_state, restore_training,
                                  resume_options, shared_state)
 from ssl_pipeline.core.runtime import fail_once_if_asked, setup_runtime
@@ -33,15 +36,24 @@ def contrastive_loss(encoder, objective, normalize, batch, augment: dict, genera
         return objective(encoder(views), views, generator)
 
 
-def training_images(train_images_path, unlabeled_images_path=None):
-    """uint8 (N, C, H, W) on the CPU: the train split, then the unlabeled images, if any."""
-    images = load_array(train_images_path, "cpu")
+def training_image_paths(train_images_path, unlabeled_images_path=None) -> list:
+    """The arrays pretraining reads, one after the other: the train split, then the unlabeled images, if
+    any (a .npy or a sharded array's index file, ssl_pipeline/core/arrays.py)."""
+    paths = [train_images_path]
     if unlabeled_images_path:
-        unlabeled = load_array(unlabeled_images_path, "cpu")
-        if len(unlabeled):
-            log.info("adding %d unlabeled images to the %d training images", len(unlabeled), len(images))
-            images = torch.cat([images, unlabeled])
-    return images
+        unlabeled, train = len(open_array(unlabeled_images_path)), len(open_array(train_images_path))
+        if unlabeled:
+            log.info("adding %d unlabeled images to the %d training images", unlabeled, train)
+            paths.append(unlabeled_images_path)
+    return paths
+
+
+def rank_rows(paths, ranks):
+    """This rank's rows of the arrays, as distributed.shard takes them; None for a single process."""
+    if ranks.world_size == 1:
+        return None
+    total = sum(len(open_array(path)) for path in paths)
+    return np.arange(ranks.rank, total, ranks.world_size)[:total // ranks.world_size]
 
 
 def epoch_record(step: int, sums: list, steps_per_epoch: int, scheduler, clock, settings) -> dict:
@@ -67,9 +79,11 @@ def mark_collapse(record: dict, objective_name: str, embedding_dim: int) -> None
 
 
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
-             settings: dict, model_settings: dict, compute: dict, resume=None, unlabeled_images_path=None) -> dict:
+             settings: dict, model_settings: dict, compute: dict, resume=None, unlabeled_images_path=None,
+             residency=None) -> dict:
     """settings: config `pretrain`; model_settings: config `model`; compute: config `compute`;
     resume: the resume file's path and config compute's resume keys (ssl_pipeline/core/resume.py);
+    residency: config data's residency and memory_limit (ssl_pipeline/core/residency.py; None: auto, no limit);
     unlabeled_images_path: extra images without labels (config dataset.unlabeled), trained on beside the
     train split.
     Run by torchrun as several processes, each trains on its shard and rank 0 writes the outputs."""
@@ -84,8 +98,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
                             settings["seed"])
     device = runtime.device
     distributed.join(ranks, device)
-    images = training_images(train_images_path, unlabeled_images_path)
-    images = distributed.shard(images, ranks).to(device)  # uint8 (N/W, C, H, W)
+    paths = training_image_paths(train_images_path, unlabeled_images_path)
+    images = job_images({"train": (paths, rank_rows(paths, ranks))}, device, residency)["train"]  # uint8 (N/W, C, H, W)
     normalize = Normalizer.load(normalization_path, device)
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
     card = encoder_card(encoder, model_settings, images.shape[1:])
@@ -96,6 +110,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     generator = device_generator(device, settings["seed"] + ranks.rank)  # own order and augmentations
     # Per rank; the loss sees all ranks' images.
     order = BatchOrder(len(images), settings["batch_size"] // ranks.world_size, generator, device)
+    batches = images.batches(order)
     steps_per_epoch = order.steps_per_epoch
     total_steps = settings["epochs"] * steps_per_epoch
     scheduler = warmup_cosine(optimizer, settings["warmup_epochs"] * steps_per_epoch, total_steps)
@@ -140,8 +155,9 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     encoder.train()
     objective.train()
     for step in range(done + 1, total_steps + 1):
-        loss, embeddings = contrastive_loss(parallel_encoder, parallel_objective, normalize,
-                                          images[order.next_batch()], settings["augment"], generator, runtime)
+        _, batch = batches.next()  # uint8 (B, C, H, W) on the device, wherever the images live
+        loss, embeddings = contrastive_loss(parallel_encoder, parallel_objective, normalize, batch,
+                                            settings["augment"], generator, runtime)
         optimisation_step(loss, optimizer, scheduler)
         objective.after_step(encoder, step, total_steps)  # momentum targets follow the online network
         epoch_sums += torch.stack([loss.detach().float(), embedding_std(embeddings)])
@@ -154,6 +170,8 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
         checkpointer.after_step(step, loss, snapshot)
 
     # ---- outputs ----------------------------------------------------------------------------------
+    batches.close()
+    images.finish()  # every shard's checksum verified before an output is written
     checkpointer.finish()
     if ranks.is_main:
         save_checkpoint(checkpoint_path, {

@@ -78,6 +78,7 @@ def snakemake_jobs(workdir: Path, configfiles: list):
         # --d3dag and --filegraph use (snakemake is pinned in requirements.txt).
         workflow = workflow_api._workflow
         workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+        accept_checkpoint_outputs(workflow, workdir, configfiles)
         workflow._build_dag()
         jobs = [Job(rule=job.rule.name, wildcards=dict(job.wildcards),
                     inputs=[str(path) for path in job.input],
@@ -87,6 +88,20 @@ def snakemake_jobs(workdir: Path, configfiles: list):
                     rule_file=str(Path(job.rule.snakefile).relative_to(workdir)))
                 for job in workflow.dag.jobs if job.rule.shellcmd]  # `rule all` runs nothing
         return dict(workflow.config), jobs
+
+
+def accept_checkpoint_outputs(workflow, workdir: Path, configfiles: list) -> None:
+    """Let the DAG grow past its checkpoints from their outputs on disk: the shard jobs of sharded
+    preprocessing are known only from the plan its checkpoint writes (forceall would rerun it and leave
+    them unknown). So dvc.yaml gets a stage per shard, and DVC versions each shard as its own output."""
+    for rule in (rule for rule in workflow.rules if rule.is_checkpoint):
+        outputs = [str(path) for path in rule.output]
+        missing = [path for path in outputs if not (workdir / path).exists()]
+        if missing:
+            config = "".join(f" --configfile {path}" for path in configfiles)
+            raise VersioningError(f"the jobs after checkpoint {rule.name} come from its outputs, and {missing[0]} is "
+                                  f"missing: run `snakemake --cores 1{config} -- {' '.join(outputs)}` first")
+        workflow.checkpoints.created_output.update(outputs)
 
 
 def named_paths(files) -> dict:

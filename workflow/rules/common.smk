@@ -41,8 +41,31 @@ RESUME = f"{RESULTS}/resume"
 SPLITS = ("train", "val", "test")
 
 
+# config preprocess.shard_images: preprocessing runs as one job per shard (workflow/rules/preprocess_shards.smk),
+# and each split's images are an index file over its shards (ssl_pipeline/core/arrays.py reads either).
+SHARDED = config["preprocess"]["shard_images"] is not None
+
+
+def split_images(split):
+    """A split's images: <split>_images.npy, or <split>_images.index.json when preprocessing runs in shards."""
+    return f"{DATA}/{split}_images.{'index.json' if SHARDED else 'npy'}"
+
+
 def split_files(*splits):
-    return [f"{DATA}/{split}_{kind}.npy" for split in splits for kind in ("images", "labels")]
+    return [path for split in splits for path in (split_images(split), f"{DATA}/{split}_labels.npy")]
+
+
+def planned_shards(wildcards):
+    """preprocess_index's input: every shard and its statistics file (shard_file() and stats_file() in
+    ssl_pipeline/stages/preprocess_shards.py), as the plan names them: known once the plan job has run."""
+    with open(checkpoints.preprocess_plan.get().output.plan) as handle:
+        splits = json.load(handle)["splits"]
+    return [
+        f"{DATA}/{name}"
+        for entry in splits.values()
+        for path in entry["files"]
+        for name in (path, path.removesuffix(".npy") + ".json")
+    ]
 
 
 OBJECTIVES = config["pretrain"]["objectives"]
@@ -84,6 +107,16 @@ def resume_resources():
         "checkpoint_every": str(compute["checkpoint_every"]),
         "stop_margin_seconds": compute["stop_margin_seconds"],
         "resume": compute["resume"],
+    }
+
+
+def data_resources():
+    """config data's residency keys, as resources: the batches are the same wherever the images live, so
+    editing them reruns no finished job (ssl_pipeline/core/residency.py)."""
+    data = config["data"]
+    return {
+        "residency": data["residency"],
+        "memory_limit": "none" if data["memory_limit"] is None else str(data["memory_limit"]),
     }
 
 

@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         model=f"{RESULTS}/finetune/{RUN}/model.pt",
-        images=f"{DATA}/test_images.npy",
+        images=split_images("test"),
         labels=f"{DATA}/test_labels.npy",
         normalization=f"{DATA}/normalization.json",
     output:
@@ -12,13 +12,16 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     threads: 1
     resources:
+        **data_resources(),
         mem_mb=2048,
     params:
         settings=settings_of("evaluate"),
         data_dir=directory_of("normalization"),
     shell:
         "python -m ssl_pipeline evaluate --data-dir {params.data_dir} --model {input.model}"
-        " --settings {params.settings:q} --threads {threads} --metrics {output.metrics} > {log} 2>&1"
+        " --settings {params.settings:q} --threads {threads}"
+        " --residency {resources.residency} --memory-limit {resources.memory_limit}"
+        " --metrics {output.metrics} > {log} 2>&1"
 
 
 rule knn_probe:
@@ -37,6 +40,7 @@ rule knn_probe:
         "../../envs/knn_probe.yaml"
     threads: config["compute"]["threads"]
     resources:
+        **data_resources(),
         mem_mb=4096,
     params:
         settings=settings_of("knn_probe"),
@@ -44,6 +48,7 @@ rule knn_probe:
     shell:
         "python -m ssl_pipeline knn-probe --data-dir {params.data_dir} --encoder {input.encoder}"
         " --settings {params.settings:q} --threads {threads}"
+        " --residency {resources.residency} --memory-limit {resources.memory_limit}"
         " --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -65,6 +70,7 @@ rule linear_probe:
         "../../envs/linear_probe.yaml"
     threads: config["compute"]["threads"]
     resources:
+        **data_resources(),
         mem_mb=4096,
     params:
         settings=settings_of("linear_probe"),
@@ -72,4 +78,5 @@ rule linear_probe:
     shell:
         "python -m ssl_pipeline linear-probe --data-dir {params.data_dir} --encoder {input.encoder}"
         " --settings {params.settings:q} --threads {threads}"
+        " --residency {resources.residency} --memory-limit {resources.memory_limit}"
         " --metrics {output.metrics} > {log} 2>&1"

@@ -17,6 +17,7 @@ rule finetune:
     threads: config["compute"]["threads"]
     resources:
         **resume_resources(),
+        **data_resources(),
         gpu=1,
         mem_mb=4096,
         runtime=60,
@@ -32,4 +33,5 @@ rule finetune:
         " --threads {threads} --resume-file {params.resume_file}"
         " --checkpoint-every {resources.checkpoint_every} --resume {resources.resume}"
         " --stop-margin-seconds {resources.stop_margin_seconds}"
+        " --residency {resources.residency} --memory-limit {resources.memory_limit}"
         " --model {output.model} --curve {output.curve} > {log} 2>&1"

@@ -6,8 +6,8 @@
 # pretrain.processes).
 rule pretrain:
     input:
-        images=f"{DATA}/train_images.npy",
-        unlabeled=f"{DATA}/unlabeled_images.npy",
+        images=split_images("train"),
+        unlabeled=split_images("unlabeled"),
         normalization=f"{DATA}/normalization.json",
     output:
         checkpoint=ENCODER,
@@ -21,6 +21,7 @@ rule pretrain:
     threads: config["compute"]["threads"]
     resources:
         **resume_resources(),
+        **data_resources(),
         gpu=1,
         mem_mb=4096,
         runtime=120,
@@ -33,4 +34,5 @@ rule pretrain:
         " --gpus {resources.gpu} --resume-file {params.resume_file}"
         " --checkpoint-every {resources.checkpoint_every} --resume {resources.resume}"
         " --stop-margin-seconds {resources.stop_margin_seconds}"
+        " --residency {resources.residency} --memory-limit {resources.memory_limit}"
         " --checkpoint {output.checkpoint} --curve {output.curve} > {log} 2>&1"
