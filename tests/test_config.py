@@ -70,7 +70,7 @@ def test_every_key_of_config_yaml_is_commented():
         previous = lines[number - 1].strip() if number else ""
         commented = "#" in line or previous.startswith("#")
         # Keys inside a commented mapping block (the four IDX files) share their parent's comment.
-        inside_files = re.match(r"^\s{4,}(name|sha256|train_\w+|test_\w+):", line)
+        inside_files = re.match(r"^\s{4,}(name|sha256|size|train_\w+|test_\w+):", line)
         assert commented or inside_files, f"config/config.yaml line {number + 1} has no comment: {line!r}"
 
 

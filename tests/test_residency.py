@@ -374,3 +374,51 @@ def test_the_benchmark_drops_a_file_from_the_page_cache_and_reads_it_back(tmp_pa
     assert cached_share(path) > 0.9  # just written
     assert drop_from_page_cache(path) < 0.1
     assert warm_page_cache(path) > 0.9
+
+
+def test_the_card_decides_between_a_sharded_and_a_single_array_left_side_by_side(tmp_path):
+    """An earlier run in the other mode leaves its files in the same results/data: the mode that wrote the
+    card last wins, so stale images are never read beside fresh labels."""
+    from ssl_pipeline.core.arrays import split_images_path
+
+    for name in ("train_images.npy", "train_images.index.json"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "card.json").write_text(json.dumps({"splits": {}}))
+    assert split_images_path(tmp_path, "train") == tmp_path / "train_images.npy"
+    (tmp_path / "card.json").write_text(json.dumps({"splits": {}, "shards": {"images_per_shard": 7}}))
+    assert split_images_path(tmp_path, "train") == tmp_path / "train_images.index.json"
+    (tmp_path / "train_images.index.json").unlink()
+    assert split_images_path(tmp_path, "train") == tmp_path / "train_images.npy"
+
+
+def test_a_sharded_array_fills_a_tensor_piece_by_piece_with_each_checksum_verified(tmp_path):
+    """The device and host residencies fill one tensor from pieces of at most PIECE_BYTES (no second copy
+    on the host), with every shard's checksum checked; a subset of rows comes out in its own order."""
+    from ssl_pipeline.core.arrays import open_array
+
+    images = np.random.default_rng(0).integers(0, 256, (23, 1, 4, 4), dtype=np.uint8)
+    index = write_sharded(tmp_path / "train_images.index.json", images, [10, 10, 3])
+    pieces = list(open_array(index).pieces(piece_bytes=4 * 16))
+    assert [(start, len(piece)) for start, piece in pieces][:4] == [(0, 4), (4, 4), (8, 2), (10, 4)]
+    assert np.array_equal(np.concatenate([piece for _, piece in pieces]), images)
+    rows = np.array([22, 0, 11, 5])
+    data = ImageData([index], "host", "cpu", rows=rows)
+    assert torch.equal(data.tensor, torch.from_numpy(images[rows]))
+
+
+def test_many_shards_raise_the_open_file_limit_or_fail_naming_the_array(tmp_path):
+    """Every memory-mapped shard holds a file handle: under a soft limit of 64 open files, 100 shards
+    raise it (towards the hard limit); under a hard limit of 64, the error names the array."""
+    images = np.zeros((100, 1, 2, 2), dtype=np.uint8)
+    index = write_sharded(tmp_path / "train_images.index.json", images, [1] * 100)
+    script = ("import resource, sys; from ssl_pipeline.core.arrays import open_array, ArrayFileError\n"
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64 if sys.argv[2] == 'hard' else hard))\n"
+              "try:\n    print(len(open_array(sys.argv[1]).shards))\n"
+              "except ArrayFileError as error:\n    print(error)\n")
+    for kind, expected in (("soft", "100"), ("hard", "100 shards need as many open files, beyond this process's "
+                                                      "hard limit of 64")):
+        result = subprocess.run([sys.executable, "-c", script, str(index), kind], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        assert expected in result.stdout, result.stdout + result.stderr
+        assert str(index) in result.stdout or kind == "soft"

@@ -32,6 +32,8 @@ INDEX_VERSION = 1
 INDEX_SUFFIX = ".index.json"
 HASH_BLOCK = 1 << 20
 PAGE = mmap.PAGESIZE
+# What `pieces` reads at a time: a job that fills a device or pinned tensor holds no more beside it.
+PIECE_BYTES = 1 << 28
 
 
 class ArrayFileError(ValueError):
@@ -41,9 +43,31 @@ class ArrayFileError(ValueError):
 
 def split_images_path(data_dir, split: str) -> Path:
     """The images of one split: the sharded array's index file where preprocessing wrote shards, else the
-    single `.npy` (labels are always one `.npy`)."""
-    index = Path(data_dir) / f"{split}_images{INDEX_SUFFIX}"
-    return index if index.exists() else Path(data_dir) / f"{split}_images.npy"
+    single `.npy` (labels are always one `.npy`). The dataset card says which preprocessing wrote the
+    directory last (a sharded one has the key "shards"), and its file wins where both exist, so that the
+    files an earlier run in the other mode left in the same results/data are never read."""
+    data_dir = Path(data_dir)
+    index, single = data_dir / f"{split}_images{INDEX_SUFFIX}", data_dir / f"{split}_images.npy"
+    card = data_dir / "card.json"
+    sharded = "shards" in json.loads(card.read_text()) if card.exists() else index.exists()
+    preferred, other = (index, single) if sharded else (single, index)
+    return preferred if preferred.exists() or not other.exists() else other
+
+
+def allow_open_files(count: int, where) -> None:
+    """Each memory-mapped shard holds a file handle for the whole job: raise the soft limit on open files
+    towards the hard one where `count` more would not fit, and fail naming the array where even that is
+    too few (instead of a bare "Too many open files" later)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = count + len(os.listdir("/proc/self/fd")) + 64 if os.path.isdir("/proc/self/fd") else count + 256
+    if needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise ArrayFileError(f"{where}: {count} shards need as many open files, beyond this process's hard "
+                             f"limit of {hard} (ulimit -Hn); choose a larger preprocess.shard_images")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def file_sha256(path) -> str:
@@ -140,18 +164,31 @@ class LogicalArray:
         if not self.sharded:
             return np.load(self.path)
         out = np.empty(self.shape, self.dtype)
-        for shard in self.shards:
-            target = memoryview(out[shard.start:shard.start + shard.count].reshape(-1).view(np.uint8))
-            digest = hashlib.sha256()
-            with open(shard.path, "rb") as handle:
-                digest.update(handle.read(shard.header_bytes))
-                for offset in range(0, len(target), HASH_BLOCK):
-                    block = target[offset:offset + HASH_BLOCK]
-                    handle.readinto(block)
-                    digest.update(block)
-                digest.update(handle.read())
-            self.check_digest(shard, digest.hexdigest())
+        for start, piece in self.pieces():
+            out[start:start + len(piece)] = piece
         return out
+
+    def pieces(self, piece_bytes: int = PIECE_BYTES):
+        """-> (first row, rows) of the whole array in order, at most `piece_bytes` of one shard at a time,
+        each shard's checksum checked once its last piece is read (before the next shard's first)."""
+        rows_per_piece = max(1, piece_bytes // max(1, self.row_bytes))
+        for shard in self.shards:
+            digest = hashlib.sha256() if shard.sha256 is not None else None
+            with open(shard.path, "rb") as handle:
+                header = handle.read(shard.header_bytes)
+                if digest is not None:
+                    digest.update(header)
+                for first in range(0, shard.count, rows_per_piece):
+                    piece = np.empty((min(rows_per_piece, shard.count - first), *self.shape[1:]), self.dtype)
+                    view = memoryview(piece.reshape(-1).view(np.uint8))
+                    if handle.readinto(view) != len(view):
+                        raise ArrayFileError(f"{self.path}: shard {shard.path} ended early while being read")
+                    if digest is not None:
+                        digest.update(view)
+                    yield shard.start + first, piece
+                if digest is not None:
+                    digest.update(handle.read())
+                    self.check_digest(shard, digest.hexdigest())
 
     def verify(self, stop=None) -> None:
         """Check every shard's checksum (a read of every byte); stop(): True to give up early."""
@@ -213,6 +250,7 @@ def open_array(path) -> LogicalArray:
     if sum(count for _, count, _ in specs) != shape[0]:
         raise ArrayFileError(f"{path}: the shards' counts sum to {sum(count for _, count, _ in specs)}, but the "
                              f"index's shape {shape} has {shape[0]} rows")
+    allow_open_files(len(specs), path)
     shards, start = [], 0
     for file, count, sha256 in specs:
         shard_path = path.parent / file

@@ -121,20 +121,33 @@ class ImageData:
         self.pinned = self.device.type == "cuda"
         self.tensor, self.failure = None, None
         if residency in ("device", "host"):
-            self.tensor = self.load()
-            self.tensor = self.tensor.to(self.device) if residency == "device" else (
-                self.tensor.pin_memory() if self.pinned else self.tensor)
+            self.tensor = self.load(self.device if residency == "device" else torch.device("cpu"),
+                                    pinned=residency == "host" and self.pinned)
         else:  # disk: the checksums are read beside training, not before it
             self.stop_verifying = False
             self.verifier = threading.Thread(target=self.verify, daemon=True, name="verify-shards")
             self.verifier.start()
 
-    def load(self) -> torch.Tensor:
-        """Every selected row in CPU memory, as the device residency always built it."""
-        images = torch.from_numpy(self.arrays[0].load())
-        if len(self.arrays) > 1:
-            images = torch.cat([images, *[torch.from_numpy(array.load()) for array in self.arrays[1:]]])
-        return images if self.rows is None else images[torch.from_numpy(self.rows)].contiguous()
+    def load(self, target: torch.device, pinned: bool = False) -> torch.Tensor:
+        """Every selected row in one tensor on `target`, filled piece by piece (at most PIECE_BYTES of one
+        shard at a time, ssl_pipeline/core/arrays.py), so that the host never holds a second copy: on a GPU
+        it needs one piece beside the device's tensor, and a pinned host tensor is the only copy. Each
+        shard's checksum is verified as its bytes are read."""
+        if target.type == "cpu" and not pinned and self.rows is None and len(self.arrays) == 1:
+            return torch.from_numpy(self.arrays[0].load())
+        out = torch.empty(tuple(self.shape), dtype=torch.uint8, device=target, pin_memory=pinned)
+        for number, array in enumerate(self.arrays):
+            offset = int(self.offsets[number])
+            for start, piece in array.pieces():
+                first, last = offset + start, offset + start + len(piece)
+                if self.rows is None:
+                    out[first:last].copy_(torch.from_numpy(piece))
+                    continue
+                positions = np.flatnonzero((self.rows >= first) & (self.rows < last))
+                if len(positions):
+                    values = torch.from_numpy(piece[self.rows[positions] - first])
+                    out[torch.from_numpy(positions).to(target)] = values.to(target)
+        return out
 
     @property
     def nbytes(self) -> int:
