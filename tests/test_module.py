@@ -77,4 +77,4 @@ def test_an_unknown_experiment_is_a_config_error_naming_the_key(tmp_path):
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0
     assert f"config key experiment: 'smoek' is not an experiment of {workdir}/config/experiments" in output
-    assert "(there are: cifar10, cifar100, methods, mnist, reproduce-simclr, smoke, stl10)" in output
+    assert "(there are: cifar10, cifar100, imagenet, imagenet100, methods, mnist, reproduce-simclr, smoke, stl10)" in output
