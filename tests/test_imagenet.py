@@ -269,9 +269,9 @@ SYNTHETIC_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
 @WORKFLOW
 def test_imagenet100_experiment_reads_its_class_subset(tmp_path, http_server):
-    """Three of the archive's four classes, numbered in sorted-wnid order whatever the list's order.
-    Over 60 s (97 s on our 2-core AMD EPYC under load): the whole DAG is 11 jobs, each importing torch and
-    building a ResNet-18; the data are already the smallest the ImageNet stem takes (32 px)."""
+    """Three of the archive's four classes, numbered in sorted-wnid order whatever the list's order, and
+    preprocessed in shards of 10 images. About 37 s on our 2-core AMD EPYC (97 s under a load of 5): the
+    whole DAG is 14 jobs, each importing torch; the data are the smallest the ImageNet stem takes (32 px)."""
     workdir, card = run_imagenet_experiment(tmp_path, http_server, "imagenet100", SYNTHETIC_WNIDS,
                                             ["n01491361", "n01440764", "n01484850"], {"shard_images": 10})
     assert card["format"] == "imagenet" and card["num_classes"] == 3 and card["image_shape"] == [3, 32, 32]
@@ -288,8 +288,8 @@ def test_imagenet100_experiment_reads_its_class_subset(tmp_path, http_server):
 
 @WORKFLOW
 def test_imagenet_experiment_trains_a_resnet50_on_every_class(tmp_path, http_server):
-    """Over 60 s (133 s on our 2-core AMD EPYC under load): 11 jobs, and a ResNet-50 step on 16 images of
-    32 px takes about a second there; fine-tuning runs 6 steps per init."""
+    """About 39 s on our 2-core AMD EPYC (133 s under a load of 5): 11 jobs, and a ResNet-50 step on 16
+    images of 32 px takes about a second there; fine-tuning runs 6 steps per init."""
     workdir, card = run_imagenet_experiment(tmp_path, http_server, "imagenet", SYNTHETIC_WNIDS, None)
     assert card["num_classes"] == 4 and card["splits"]["test"]["count"] == 12
     log = (workdir / "results" / "logs" / "pretrain" / "simclr" / "base" / "seed0.log").read_text()
