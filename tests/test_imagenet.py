@@ -271,7 +271,7 @@ SYNTHETIC_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 def test_imagenet100_experiment_reads_its_class_subset(tmp_path, http_server):
     """Three of the archive's four classes, numbered in sorted-wnid order whatever the list's order, and
     preprocessed in shards of 10 images. About 37 s on our 2-core AMD EPYC (97 s under a load of 5): the
-    whole DAG is 14 jobs, each importing torch; the data are the smallest the ImageNet stem takes (32 px)."""
+    whole DAG, each job importing torch; the data are the smallest the ImageNet stem takes (32 px)."""
     workdir, card = run_imagenet_experiment(tmp_path, http_server, "imagenet100", SYNTHETIC_WNIDS,
                                             ["n01491361", "n01440764", "n01484850"], {"shard_images": 10})
     assert card["format"] == "imagenet" and card["num_classes"] == 3 and card["image_shape"] == [3, 32, 32]
