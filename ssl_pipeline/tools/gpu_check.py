@@ -201,6 +201,25 @@ def signal_group(pgid: int, number) -> None:
         pass
 
 
+def wait_group_gone(pgid: int, seconds: float = 5.0) -> None:
+    """SIGKILL is delivered asynchronously: a member can still be running for a moment after killpg.
+    Wait (bounded) until no member of the group is left but zombies, so the next step starts alone."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = False
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = status.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended while we read it
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive = True
+                break
+        if not alive:
+            return
+        time.sleep(0.05)
+
+
 def run_step(name: str, command: list, directory: Path, log_path: Path, timeout: float, environment: dict) -> dict:
     """Run one step under its cap; past it, SIGTERM to its process group (Snakemake and the benchmark
     stop cleanly on it), then SIGKILL after a grace period. Whatever ends the step (its end, the cap, an
@@ -223,6 +242,7 @@ def run_step(name: str, command: list, directory: Path, log_path: Path, timeout:
         finally:
             signal_group(process.pid, signal.SIGKILL)  # what is left of the group, if anything
             process.wait()
+            wait_group_gone(process.pid)
         if returncode is None:
             returncode = process.returncode
     return {"step": name, "command": " ".join(command), "directory": str(directory), "log": str(log_path),
