@@ -12,7 +12,7 @@ EXPERIMENT ?=
 CONFIG_ARGS := $(if $(EXPERIMENT),--configfile config/experiments/$(EXPERIMENT).yaml)
 VERSIONING := $(PYTHON) -m ssl_pipeline.tools.versioning
 
-.PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-preprocess bench-tiny bench-residency \
+.PHONY: help run reproduce smoke smoke-slurm test test-fast lint report clean dvc-yaml record push pull bench bench-preprocess bench-tiny bench-residency bench-nodes \
 	time-to-accuracy race gpu-check gpu-bundle gpu-rehearsal docs
 
 help:  ## list the targets
@@ -33,7 +33,7 @@ reproduce: $(VENV)/installed  ## SimCLR's claims with statistics (results/claims
 smoke: $(VENV)/installed  ## the whole DAG on the tiny smoke experiment
 	$(SNAKEMAKE) --cores $(CORES) --configfile config/experiments/smoke.yaml
 
-smoke-slurm: $(VENV)/installed  ## the smoke DAG as Slurm jobs (a one-node test cluster: sudo .ci/start-slurm)
+smoke-slurm: $(VENV)/installed  ## the smoke DAG as Slurm jobs (a test cluster on this machine: sudo .ci/start-slurm [--nodes 2])
 	$(SNAKEMAKE) --workflow-profile profiles/slurm --max-threads 2 --configfile config/experiments/smoke.yaml
 
 report: $(VENV)/installed  ## Snakemake's HTML report of the last run
@@ -76,6 +76,9 @@ time-to-accuracy: $(VENV)/installed  ## supervised training until test accuracy 
 
 bench-residency: $(VENV)/installed  ## pretraining images/s with the images on the device, host and disk, warm and cold cache (about 13 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark residency --out results/performance/residency.json
+
+bench-nodes: $(VENV)/installed  ## smoke pretraining on 2 Slurm nodes against 1 node x 2 processes (needs sudo .ci/start-slurm --nodes 2; about 3 min)
+	$(PYTHON) -m ssl_pipeline.tools.nodes_benchmark --out results/performance/nodes.json
 
 race: $(VENV)/installed  ## SimCLR pretraining, ours against lightly: kNN accuracy per epoch, time to a target (about 15 min on 2 CPUs)
 	$(PYTHON) -m ssl_pipeline.benchmark race --out results/performance/race.json

@@ -123,13 +123,24 @@ def run_label_subset(args):
 
 def run_pretrain(args):
     from ssl_pipeline.core.distributed import processes_for, relaunch_under_torchrun
+    from ssl_pipeline.core.multinode import launch_on_nodes, slurm_task_environment
     from ssl_pipeline.stages.pretrain import pretrain
 
-    # Several processes: this one becomes torchrun, which runs this same command once per process.
-    relaunch_under_torchrun(processes_for(args.settings["pretrain"]["processes"], args.gpus), sys.argv[1:])
+    nodes = args.settings["compute"].get("nodes", 1)
+    # On several nodes the GPUs are a gres per node, not the job's gpu resource: auto is one per node there,
+    # as the rule's resources ask Slurm for (pretrain_resources in workflow/rules/common.smk).
+    per_node = processes_for(args.settings["pretrain"]["processes"], args.gpus if nodes == 1 else 0)
+    if nodes > 1:
+        # This process becomes the launcher of nodes x per_node srun tasks, each running this same command.
+        launch_on_nodes(args.launcher, nodes, per_node, max(1, args.threads // per_node), sys.argv[1:],
+                        args.rank_timeout_seconds)
+        slurm_task_environment()
+    else:
+        # Several processes: this one becomes torchrun, which runs this same command once per process.
+        relaunch_under_torchrun(per_node, sys.argv[1:])
     pretrain(args.train_images, args.normalization, args.checkpoint, args.curve,
              args.settings["pretrain"], args.settings["model"], compute_of(args), resume_of(args),
-             args.unlabeled_images, residency_of(args))
+             args.unlabeled_images, residency_of(args), args.rank_logs, args.rank_timeout_seconds)
 
 
 def run_finetune(args):
@@ -244,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--gpus", type=int, default=0,
                        help="GPUs the scheduler granted the job; with pretrain.processes 'auto', one "
                             "data-parallel process per GPU")
+    stage.add_argument("--launcher", default="srun",
+                       help="the Slurm launcher of the ranks when config compute.nodes > 1 (the rule's resource mpi)")
+    stage.add_argument("--rank-timeout-seconds", type=int, default=600,
+                       help="config compute.rank_timeout_seconds: how long a rank waits for the others in a collective")
+    stage.add_argument("--rank-logs", default=None,
+                       help="directory of one log per data-parallel rank (rank<R>-<node>.log)")
     add_resume(stage)
     add_residency(stage)
     stage.add_argument("--checkpoint", required=True)

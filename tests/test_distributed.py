@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssl_pipeline.core import distributed
+from ssl_pipeline.core import distributed, multinode
 from ssl_pipeline.core.models import build_encoder
 from ssl_pipeline.objectives import build_objective
 from ssl_pipeline.stages.preprocess import preprocess
@@ -63,6 +63,46 @@ def test_torchrun_runs_the_same_command_once_per_process():
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=4" in command and "--standalone" in command
     assert command[-5:] == ["-m", "ssl_pipeline", "pretrain", "--threads", "8"]
+
+
+def test_several_nodes_run_one_srun_task_per_process_that_ends_the_step_when_one_dies():
+    command = multinode.srun_command("srun", 4, 8, 6, ["pretrain", "--threads", "48"])
+    assert command[:7] == ["srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8", "--cpus-per-task=6",
+                           "--kill-on-bad-exit=1", "--distribution=block"]
+    assert command[7:] == [sys.executable, "-m", "ssl_pipeline", "pretrain", "--threads", "48"]
+
+
+def test_the_lost_rank_is_the_first_task_srun_saw_end():
+    killed = ["srun: error: n2: task 1: Killed", "srun: launch/slurm: _step_signal: Terminating StepId=3.0",
+              "srun: error: n1: task 0: Exited with exit code 1"]
+    assert multinode.lost_rank(killed, "gloo: Connection reset by peer") == "rank 1 on node n2 was lost (Killed)"
+    failed = ["srun: error: n1: task 0: Exited with exit code 1", "srun: error: n2: task 1: Killed"]
+    assert multinode.lost_rank(failed, "pretrain: failure injected") == \
+        "rank 0 on node n1 failed (Exited with exit code 1): pretrain: failure injected"
+    assert multinode.lost_rank([], "out of memory") == "out of memory"
+
+
+def test_several_nodes_outside_slurm_are_an_error_naming_the_key(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    multinode.check_nodes(1)
+    with pytest.raises(ValueError, match=r"config key compute.nodes is 2, but this job does not run under Slurm"):
+        multinode.check_nodes(2)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    multinode.check_nodes(2)
+
+
+def test_a_slurm_task_gets_the_variables_torchrun_would_set(monkeypatch):
+    for name, value in {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "4",
+                        multinode.RENDEZVOUS: "node7:41234"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "unset")  # so that monkeypatch removes what the call sets
+        monkeypatch.delenv(name)
+    assert multinode.under_srun_launcher()
+    multinode.slurm_task_environment()
+    assert distributed.launched_ranks() == distributed.Ranks(5, 8)
+    assert distributed.Ranks(5, 8).per_node == 2
+    assert (os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("1", "node7", "41234")
 
 
 # ---- the gradient of each objective under DDP -----------------------------------------------------
@@ -213,6 +253,8 @@ def test_two_processes_pretrain_on_their_shards_and_rank_0_writes_a_checkpoint_t
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2
     checkpoint = load_checkpoint(tmp_path / "encoder.pt")
     assert checkpoint["config"]["pretrain"]["processes"] == 2
+    world = checkpoint["encoder_card"]["world"]  # what the report prints: both ranks, on this one host
+    assert world["world_size"] == 2 and len(world["rank_nodes"]) == 2 and world["nodes"] == world["rank_nodes"][:1]
     encoder = build_encoder(MODEL, checkpoint["in_channels"])
     encoder.load_state_dict(checkpoint["encoder"])  # strict: the DDP wrapper left no prefix behind
     assert encoder(torch.zeros(2, 1, 12, 12)).shape == (2, encoder.feature_dim)

@@ -47,6 +47,20 @@ def test_a_collapsed_objective_is_flagged_beside_a_healthy_one():
     assert collapse_notes({"simclr": pretraining["simclr"]}) == []
 
 
+def test_the_report_says_where_each_pretraining_run_ran():
+    """The world size and nodes of the encoder's card (config compute.nodes), copied by the kNN probe for
+    data-parallel runs."""
+    two_nodes = {**knn("simclr", 0.86), "pretraining_world": {"world_size": 4, "nodes": ["n1", "n2"],
+                                                                "rank_nodes": ["n1", "n1", "n2", "n2"]}}
+    # One process: the probe writes no world (its metrics name no machine), and the report says nothing of it.
+    pretraining = {"simclr": {"curve": curve(False, 0.2), "knn": two_nodes, "linear": {"accuracy": 0.81}},
+                   "byol": {"curve": curve(False, 0.2), "knn": knn("byol", 0.85), "linear": {"accuracy": 0.8}}}
+    assert pretraining_table(pretraining)[-1] == (
+        "Pretraining ran data-parallel as follows: simclr: 4 process(es) on 2 node(s) (n1, n2).")
+    older = {"simclr": {"curve": curve(False, 0.2), "knn": knn("simclr", 0.86), "linear": {"accuracy": 0.81}}}
+    assert pretraining_table(older)[-1].startswith("| raw pixels |")  # a card without a world says nothing
+
+
 def test_a_linear_probe_that_did_not_converge_is_marked():
     pretraining = {"simclr": {"curve": curve(False, 0.2), "knn": knn("simclr", 0.86),
                               "linear": {"accuracy": 0.81, "converged": False}},

@@ -62,6 +62,13 @@ def test_a_bad_config_is_reported_before_any_job_runs(tmp_path):
     assert "config key pretrain.epochs: 0 is less than the minimum of 1" in result.stderr
     assert "unknown key model.widht" in result.stderr
     assert not (workdir / "results").exists()
+    # Several nodes need Slurm: run here, that is an error before any job runs, naming the key.
+    (workdir / "nodes.yaml").write_text("compute:\n  nodes: 2\n")
+    result = snakemake(workdir, "--cores", "1", "--configfile", "nodes.yaml", check=False)
+    assert result.returncode != 0
+    assert "config key compute.nodes is 2: pretraining on several nodes runs as a Slurm job through the slurm " \
+           "executor (--workflow-profile profiles/slurm), not the local executor" in result.stderr
+    assert not (workdir / "results").exists()
 
 
 def planned_outputs(workdir, *args) -> list:

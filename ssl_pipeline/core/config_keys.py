@@ -7,7 +7,9 @@ imports neither, so neither imports the other for these.
 # Keys that are not settings of one job: the run lists decide which jobs exist (they are wildcards),
 # threads come from the scheduler, and the resume keys decide how a job survives interruptions, not
 # what it computes (rules pass them as resources). Editing them must not rerun a job that exists.
-RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume"}
+# The rank timeout too: it decides how soon a job whose rank died fails, so that its retry resumes.
+RESUME_KEYS = {"compute.checkpoint_every", "compute.stop_margin_seconds", "compute.resume",
+               "compute.rank_timeout_seconds"}
 # So are the pretraining seeds and the sweep's variants (ssl_pipeline/core/sweeps.py): a pretraining job gets
 # its own seed and its variant's overrides.
 # And where training keeps the arrays (config data.residency, data.memory_limit): the batches are the same
@@ -20,6 +22,10 @@ DOWNLOAD_PROGRESS_KEYS = {"download.progress_seconds"}
 NOT_JOB_SETTINGS = {"finetune.label_fractions", "finetune.seeds", "finetune.inits", "finetune.variants",
                     "pretrain.objectives", "pretrain.seeds", "compute.threads", "experiment", *RESUME_KEYS,
                     *DATA_RESIDENCY_KEYS, *DOWNLOAD_PROGRESS_KEYS}
+# Keys that one rule reads although they sit in a section that others read too: compute.nodes spreads
+# pretraining over Slurm nodes (it sets the world size, so pretraining reruns, and with it what reads its
+# encoder); the other stages run on one node whatever it says, so it is not a setting of theirs.
+ONE_RULE_KEYS = {"compute.nodes": "pretrain"}
 # The objectives' config sections, pretrain.<name> (ssl_pipeline/objectives/). A pretraining job reads
 # the section of its own objective only, so that editing one objective's settings reruns its jobs alone.
 OBJECTIVE_SECTIONS = ("simclr", "byol", "vicreg", "barlow_twins", "moco_v2")

@@ -1,7 +1,8 @@
-"""Data-parallel pretraining on the GPUs of one node, with DistributedDataParallel.
+"""Data-parallel pretraining with DistributedDataParallel, on one node or several.
 
 `python -m ssl_pipeline pretrain` hands itself to torchrun when it is to run as several processes
-(config key pretrain.processes, by default one per GPU the job's resources ask for). Each process
+(config key pretrain.processes, by default one per GPU the job's resources ask for), or on several
+Slurm nodes to srun, one task per process (config compute.nodes; ssl_pipeline/core/multinode.py). Each process
 (rank) joins the process group, trains on its own shard of the images, which live on its device,
 and averages gradients with the others; rank 0 alone writes the outputs. The contrastive loss sees
 the projections of every rank (objectives.gather_from_all_ranks). On the CPU, gloo stands in for
@@ -11,10 +12,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from ssl_pipeline.core.multinode import node_name, rendezvous_store, seconds_since_launch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,11 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def per_node(self) -> int:
+        """Ranks on this node, which share its CPUs (and take one GPU each)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
 
 def launched_ranks() -> Ranks:
     """This process's place among torchrun's (read from the environment torchrun sets)."""
@@ -67,16 +77,51 @@ def launched_ranks() -> Ranks:
     return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
-def join(ranks: Ranks, device: torch.device) -> None:
-    """Join the process group of torchrun's ranks: NCCL between GPUs, gloo between CPU processes."""
+def rank_logging(ranks: Ranks, rank_logs=None) -> None:
+    """rank_logs: a directory for one log per rank, rank<R>-<node>.log, with everything the rank logs.
+    Rank 0 alone also writes its info to the job's log; the other ranks only their warnings."""
+    if ranks.world_size == 1 or rank_logs is None:
+        return  # without rank logs, the others go quiet once they have joined (join)
+    path = Path(rank_logs) / f"rank{ranks.rank}-{node_name()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w")
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    if not ranks.is_main:
+        for other in root.handlers:
+            other.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
+def join(ranks: Ranks, device: torch.device, timeout_seconds: int = 600) -> None:
+    """Join the process group of the ranks: NCCL between GPUs, gloo between CPU processes. A
+    collective that waits longer than timeout_seconds for a rank fails this one, naming the wait, so
+    a job whose rank died ends instead of hanging."""
     if ranks.world_size == 1:
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log.info("rank %d of %d joined the process group (%s) on %s", ranks.rank, ranks.world_size,
-             dist.get_backend(), device)
-    if not ranks.is_main:
+    timeout = timedelta(seconds=timeout_seconds)
+    store = rendezvous_store(ranks.rank, ranks.world_size, timeout_seconds)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if store is None:  # torchrun's rendezvous (env://)
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
+    since = seconds_since_launch()
+    log.info("rank %d of %d joined the process group (%s) on %s, node %s (pid %d)%s", ranks.rank, ranks.world_size,
+             dist.get_backend(), device, node_name(), os.getpid(),
+             "" if since is None else f", {since:.1f} s after srun started (start-up and rendezvous)")
+    if not ranks.is_main and not any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
         # Every rank logs the same loss; rank 0 speaks for them, the others only warn.
         logging.getLogger("ssl_pipeline").setLevel(logging.WARNING)
+
+
+def world(ranks: Ranks) -> dict:
+    """The node of every rank (in rank order) and the world size, for the checkpoint's card."""
+    nodes = [node_name()]
+    if ranks.world_size > 1:
+        nodes = [None] * ranks.world_size
+        dist.all_gather_object(nodes, node_name())
+    return {"world_size": ranks.world_size, "nodes": sorted(set(nodes), key=nodes.index), "rank_nodes": nodes}
 
 
 def leave(ranks: Ranks) -> None:

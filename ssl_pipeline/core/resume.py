@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 STOPPED_EXIT_STATUS = 75  # EX_TEMPFAIL: try again later
+# In every message of a stop with the state written; the multi-node launcher looks for it in the ranks' logs.
+STOPPED_MARK = "; its state is in "
 
 
 class TrainingStopped(Exception):
@@ -294,11 +296,11 @@ class Checkpointer:
             self.release()
         if reason == DEADLINE_NEAR:
             raise TrainingStopped(f"{self.stage} stopped at {self.describe_step(step)}, {self.margin} s before "
-                                  f"its Slurm job's time limit; its state is in {self.resume_file.path}, and "
+                                  f"its Slurm job's time limit{STOPPED_MARK}{self.resume_file.path}, and "
                                   "the next attempt continues from it")
         if reason == SIGTERM_ARRIVED:
-            raise TrainingStopped(f"{self.stage} stopped by SIGTERM at {self.describe_step(step)}; its state is "
-                                  f"in {self.resume_file.path}: run the same command again to continue")
+            raise TrainingStopped(f"{self.stage} stopped by SIGTERM at {self.describe_step(step)}{STOPPED_MARK}"
+                                  f"{self.resume_file.path}: run the same command again to continue")
 
     def write(self, snapshot, step: int) -> None:
         started = time.perf_counter()
@@ -310,6 +312,11 @@ class Checkpointer:
             per_rank = [own]
         if self.ranks.is_main:
             self.resume_file.save({**shared, "step": step, "per_rank": per_rank})
+        if self.ranks.world_size > 1:
+            # No rank goes on (or exits, after a stop) before rank 0 has the state on disk: a launcher
+            # that ends the whole world when one rank exits (srun --kill-on-bad-exit, torchrun) must not
+            # kill rank 0 mid-write.
+            dist.barrier()
         self.last_write = time.monotonic()
         log.info("resume state at %s written in %.3f s", self.describe_step(step), time.perf_counter() - started)
 

@@ -4,8 +4,8 @@ One table serves two readers: the Snakemake rules pass a rule's keys as its `par
 reruns a job when a key it reads changes), and the dvc.yaml generator lists the same keys, one by one,
 as the stage's `params` (so `dvc exp run -S key=value` reruns exactly the stages that read the key).
 """
-from ssl_pipeline.core.config_keys import (NOT_JOB_SETTINGS, OBJECTIVE_SECTIONS, RESUME_KEYS, has_key, lookup,
-                                     other_objectives)
+from ssl_pipeline.core.config_keys import (NOT_JOB_SETTINGS, OBJECTIVE_SECTIONS, ONE_RULE_KEYS, RESUME_KEYS, has_key,
+                                          lookup, other_objectives)
 from ssl_pipeline.core.sweeps import variant_config
 
 __all__ = ["NOT_JOB_SETTINGS", "OBJECTIVE_SECTIONS", "RESUME_KEYS", "RULE_CONFIG_KEYS", "has_key", "leaf_keys",
@@ -46,7 +46,7 @@ def rule_leaf_keys(config: dict, rule: str, objective: str = None) -> list:
     """The keys `rule` reads; for a job of one objective (wildcard `objective`) only that objective's
     section of pretrain, for jobs of no objective none of them."""
     return [leaf for prefix in RULE_CONFIG_KEYS[rule] for leaf in leaf_keys(config, prefix)
-            if not other_objectives(leaf, objective)]
+            if not other_objectives(leaf, objective) and ONE_RULE_KEYS.get(leaf, rule) == rule]
 
 
 def rule_settings(config: dict, rule: str, objective: str = None, pretraining: dict = None) -> dict:

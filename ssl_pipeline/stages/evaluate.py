@@ -90,6 +90,10 @@ class ProbeData:
         device = self.runtime.device
         checkpoint = load_checkpoint(encoder_path)
         self.identity = pretraining_identity(checkpoint)
+        # Where data-parallel pretraining ran: its world size and nodes. Not for one process (and older
+        # checkpoints lack it): the metrics of an ordinary run name no machine.
+        world = checkpoint.get("encoder_card", {}).get("world")
+        self.world = world if world and world["world_size"] > 1 else None
         encoder = build_encoder(checkpoint["config"]["model"], checkpoint["in_channels"])
         encoder.load_state_dict(checkpoint["encoder"])
         self.encoder = prepare(encoder, device)
@@ -132,6 +136,7 @@ def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: 
 
     metrics = {
         **data.identity,
+        **({"pretraining_world": data.world} if data.world else {}),
         "k": k, "temperature": temperature, "memory_bank_size": len(data.train_images),
         "encoder_accuracy": knn_accuracy(data.features(data.train_images), data.features(data.test_images)),
         "raw_pixel_accuracy": knn_accuracy(data.pixels(data.train_images), data.pixels(data.test_images)),

@@ -80,24 +80,28 @@ def mark_collapse(record: dict, objective_name: str, embedding_dim: int) -> None
 
 def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
              settings: dict, model_settings: dict, compute: dict, resume=None, unlabeled_images_path=None,
-             residency=None) -> dict:
+             residency=None, rank_logs=None, rank_timeout_seconds=600) -> dict:
     """settings: config `pretrain`; model_settings: config `model`; compute: config `compute`;
     resume: the resume file's path and config compute's resume keys (ssl_pipeline/core/resume.py);
     residency: config data's residency and memory_limit (ssl_pipeline/core/residency.py; None: auto, no limit);
     unlabeled_images_path: extra images without labels (config dataset.unlabeled), trained on beside the
-    train split.
-    Run by torchrun as several processes, each trains on its shard and rank 0 writes the outputs."""
+    train split; rank_logs: the directory of one log per rank, when there are several;
+    rank_timeout_seconds: config compute.rank_timeout_seconds (not a setting: the resume identity omits it).
+    Run as several processes (torchrun on one node, srun tasks on several), each trains on its shard and
+    rank 0 writes the outputs."""
     # ---- setup ------------------------------------------------------------------------------------
     fail_once_if_asked("pretrain")
     ranks = distributed.launched_ranks()
+    distributed.rank_logging(ranks, rank_logs)
     if settings["batch_size"] % ranks.world_size:
         raise ValueError(f"config key pretrain.batch_size ({settings['batch_size']}) must be divisible by "
                          f"the {ranks.world_size} data-parallel processes")
-    # The ranks share the job's CPU threads.
-    runtime = setup_runtime({**compute, "threads": max(1, compute["threads"] // ranks.world_size)},
+    # The ranks of a node share its CPU threads.
+    runtime = setup_runtime({**compute, "threads": max(1, compute["threads"] // ranks.per_node)},
                             settings["seed"])
     device = runtime.device
-    distributed.join(ranks, device)
+    distributed.join(ranks, device, rank_timeout_seconds)
+    world = distributed.world(ranks)
     paths = training_image_paths(train_images_path, unlabeled_images_path)
     images = job_images({"train": (paths, rank_rows(paths, ranks))}, device, residency)["train"]  # uint8 (N/W, C, H, W)
     normalize = Normalizer.load(normalization_path, device)
@@ -146,9 +150,9 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
 
     checkpointer = Checkpointer(f"pretrain {objective_name}", resume_file, resume, ranks, device, describe,
                                 steps_per_epoch)
-    log.info("pretraining %s on %d images, %d epochs of %d steps, in %d data-parallel process(es)",
+    log.info("pretraining %s on %d images, %d epochs of %d steps, in %d data-parallel process(es) on %s",
              objective_name, len(images) * ranks.world_size, settings["epochs"], steps_per_epoch,
-             ranks.world_size)
+             ranks.world_size, ", ".join(world["nodes"]))
 
     # ---- training loop ----------------------------------------------------------------------------
     clock = Stopwatch(device, saved["elapsed_seconds"] if saved else 0.0)
@@ -178,7 +182,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
             "encoder": encoder.state_dict(),
             "objective_head": objective.state_dict(),
             "in_channels": images.shape[1],
-            "encoder_card": card,
+            "encoder_card": {**card, "world": world},
             "config": {"pretrain": settings, "model": model_settings},
         })
         write_curve(curve_path, curve)

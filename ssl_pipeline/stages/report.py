@@ -227,7 +227,19 @@ def pretraining_table(pretraining: dict) -> list:
                      f"{float(last['images_per_second']):.0f} |")
     first = next(iter(pretraining.values()))["knn"]
     lines.append(f"| raw pixels | — | — | — | {first['raw_pixel_accuracy']:.4f} | — | — | — |")
-    return lines
+    return [*lines, *world_lines(pretraining)]
+
+
+def world_lines(pretraining: dict) -> list:
+    """Where each data-parallel pretraining run ran: its processes (world size) and their nodes, from the
+    encoder's card (config compute.nodes, pretrain.processes); the kNN probe copies it for more than one."""
+    worlds = [(label, run["knn"]["pretraining_world"]) for label, run in pretraining.items()
+              if run["knn"].get("pretraining_world")]
+    if not worlds:
+        return []
+    runs = "; ".join(f"{label}: {world['world_size']} process(es) on {len(world['nodes'])} node(s) "
+                     f"({', '.join(world['nodes'])})" for label, world in worlds)
+    return ["", f"Pretraining ran data-parallel as follows: {runs}."]
 
 
 def claims_section(claims) -> list:

@@ -107,7 +107,52 @@ def resume_resources():
         "checkpoint_every": str(compute["checkpoint_every"]),
         "stop_margin_seconds": compute["stop_margin_seconds"],
         "resume": compute["resume"],
+        "rank_timeout_seconds": compute["rank_timeout_seconds"],
     }
+
+
+# Executors that can spread a job over several nodes: the slurm executor, and the pseudo-executors of a dry
+# run, which run nothing.
+MULTI_NODE_EXECUTORS = {"slurm", "dryrun", "touch"}
+
+
+def pretrain_resources():
+    """config compute.nodes as the pretraining job's resources. One node: a GPU (the local scheduler and
+    the slurm executor's --gpus). Several: the slurm executor's `mpi` kind of job, `nodes` nodes with
+    pretrain.processes tasks each (one per node when 'auto'; `tasks_per_gpu=0` keeps the plugin from
+    turning them into --ntasks-per-gpu), their GPUs as gres per node, and each task's share of the
+    job's threads; the package then starts the ranks with srun (ssl_pipeline/core/multinode.py)."""
+    compute = config["compute"]
+    nodes = compute["nodes"]
+    if nodes == 1:
+        return {"gpu": 1}
+    per_node = 1 if config["pretrain"]["processes"] == "auto" else config["pretrain"]["processes"]
+
+    def checked_nodes(wildcards):
+        # Known only once Snakemake runs, not while it reads the Snakefile. A job already inside a Slurm
+        # allocation (the executor's job on its first node) is where it should be.
+        executor = workflow.executor_plugin.name if workflow.executor_plugin else None
+        if executor not in MULTI_NODE_EXECUTORS and "SLURM_JOB_ID" not in os.environ:
+            raise WorkflowError(
+                f"config key compute.nodes is {nodes}: pretraining on several nodes runs as a Slurm job through "
+                f"the slurm executor (--workflow-profile profiles/slurm), not the {executor} executor; set "
+                'compute.nodes: 1 to run here (docs/clusters.md, "More than one node")'
+            )
+        return nodes
+
+    resources = {
+        "nodes": checked_nodes,
+        "tasks": nodes * per_node,
+        "mpi": "srun",
+        "tasks_per_gpu": 0,
+        "gpu": 0,
+        "cpus_per_task": lambda wildcards, threads: max(1, threads // per_node),
+        # The plugin's --ntasks alone lets Slurm spread the tasks unevenly; the launcher's srun wants K per node.
+        "slurm_extra": f"--ntasks-per-node={per_node}",
+    }
+    if compute["device"] != "cpu":
+        resources["gres"] = f"gpu:{per_node}"
+    return resources
 
 
 def data_resources():
