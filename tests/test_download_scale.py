@@ -295,6 +295,7 @@ def test_a_resumed_file_that_fails_again_from_byte_0_is_an_error_not_a_loop(mirr
         download_file("data.tar", spec(ARCHIVE), [url], tmp_path / "raw" / "data.tar", FAST, {}, archive=True,
                       partial_dir=tmp_path / "partial")
     assert len(state.requests) == 3 and files_in(tmp_path / "partial") == []
+    assert not (tmp_path / "raw").exists() or files_in(tmp_path / "raw") == []
 
 
 @pytest.mark.parametrize("misbehaviour", ["ignores Range", "wrong Content-Range"])
@@ -363,7 +364,7 @@ def test_the_download_rule_resumes_from_results_resume_and_ignores_progress_seco
     results/resume/download/ is continued, and editing download.progress_seconds then reruns nothing.
     7-9 s on 2 shared cores, most of it Snakemake starting twice."""
     url, state = mirror
-    served = write_synthetic_idx(tmp_path / "served")
+    served = write_synthetic_idx(tmp_path / "served", num_classes=3, size=28, train_per_class=100)  # 16 chunks of gzip
     for path in (tmp_path / "served").iterdir():
         state.files[f"/{path.name}"] = path.read_bytes()
     workdir = copy_workflow(tmp_path / "workflow")
@@ -373,9 +374,15 @@ def test_the_download_rule_resumes_from_results_resume_and_ignores_progress_seco
     left = partial_file(workdir / "results" / "resume" / "download", url, images["name"] + ".gz", images)
     left.start({"etag": f'"{hashlib.sha256(gz).hexdigest()[:16]}"'})
     left.path.write_bytes(gz[:1000])
-    snakemake(workdir, "--cores", "1", *SMOKE, "--configfile", "mirror.yaml", "--", "download")
+    # Progress lines every 20 ms while the mirror trickles (16 KiB every 10 ms), in the rule's own log.
+    (workdir / "ticking.yaml").write_text(json.dumps({"download": {"progress_seconds": 0.02}}))
+    state.trickle = 0.01
+    snakemake(workdir, "--cores", "1", *SMOKE, "--configfile", "mirror.yaml", "ticking.yaml", "--", "download")
     assert (f"/{images['name']}.gz", "bytes=1000-", f'"{hashlib.sha256(gz).hexdigest()[:16]}"') in state.requests
-    assert "resuming a partial file at byte 1000" in (workdir / "results" / "logs" / "download.log").read_text()
+    log = (workdir / "results" / "logs" / "download.log").read_text()
+    assert "resuming a partial file at byte 1000" in log
+    assert re.search(rf"{images['name']} from {url} \({images['name']}.gz\): [\d.]+ kB of [\d.]+ kB \([\d.]+%\), "
+                     r"[\d.]+ [kM]B/s, ETA \d:\d\d:\d\d", log), log
     assert files_in(workdir / "results" / "resume" / "download") == []
     (workdir / "slower.yaml").write_text(json.dumps({"download": {"progress_seconds": 60}}))
     plan = snakemake(workdir, "-n", "--cores", "1", *SMOKE, "--configfile", "mirror.yaml", "slower.yaml", "--",

@@ -18,6 +18,7 @@ from ssl_pipeline.datasets import DatasetFormatError, format_options, read_datas
 from ssl_pipeline.datasets import imagenet
 from ssl_pipeline.datasets.archive import ArchiveError
 from ssl_pipeline.stages.preprocess import preprocess
+from ssl_pipeline.stages.preprocess_shards import plan_shards, write_indexes, write_shard
 from tests.archives import imagenet_files, plain_tar_bytes, png_bytes
 from tests.conftest import copy_workflow, snakemake
 from tests.test_formats_dag import SMALL, colour_images, experiment, merged
@@ -183,6 +184,16 @@ def with_link(data: bytes) -> bytes:
     return plain_tar_bytes(members)
 
 
+def preprocess_in_shards(paths, data, options) -> None:
+    """The sharded rules' three steps in order (workflow/rules/preprocess_shards.smk), in shards of 2 images."""
+    data.mkdir()
+    plan = plan_shards(paths, data, "imagenet", 0.25, 0, 2, data_format="imagenet", options=options)
+    for split, entry in plan["splits"].items():
+        for shard in range(len(entry["files"])):
+            write_shard(paths, data, split, shard, "imagenet", options)
+    write_indexes(data)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_named_and_leaves_nothing_behind(tmp_path, case):
     changes, options, message = BAD[case]
@@ -191,6 +202,27 @@ def test_bad_input_is_named_and_leaves_nothing_behind(tmp_path, case):
     with pytest.raises((DatasetFormatError, ArchiveError), match=message):
         preprocess(paths, tmp_path / "data", "imagenet", 0.25, 0, None, "imagenet", options)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_the_plan_or_its_own_shard_in_sharded_preprocessing(tmp_path, case):
+    """config preprocess.shard_images, as both experiments set it: the plan job checks what the labels and
+    member lists tell before it writes anything; a JPEG that does not decode fails its own shard's job,
+    which writes no shard file, and no index is written."""
+    changes, options, message = BAD[case]
+    (tmp_path / "raw").mkdir()
+    paths, _, _ = small_archive(tmp_path / "raw", **changes)
+    data = tmp_path / "data"
+    with pytest.raises((DatasetFormatError, ArchiveError), match=message):
+        preprocess_in_shards(paths, data, options)
+    written = sorted(path.relative_to(data).as_posix() for path in data.rglob("*") if path.is_file())
+    if case == "corrupt JPEG in a class tar":  # the plan and the shards before the bad one, each complete
+        shards = [name for name in written if name.startswith("shards/")]
+        assert shards and all(name.removesuffix(".npy") + ".json" in shards
+                              for name in shards if name.endswith(".npy"))
+        assert not [name for name in written if name.endswith(".index.json") or name == "card.json"]
+    else:
+        assert written == []
 
 
 # ---- config: the four files, and the experiments ----------------------------------------------------
@@ -260,6 +292,9 @@ def run_imagenet_experiment(tmp_path, http_server, name, wnids, classes, preproc
               "config/experiments/smoke.yaml", "synthetic.yaml")
     assert_complete_report(workdir, expected_runs=2, fractions=[1.0])
     assert routes.count("/data/ILSVRC2012_img_train.tar") == 1
+    # The experiments leave out the kNN probe's raw-pixel baseline (float32 copies of both splits).
+    knn = json.loads((workdir / "results" / "evaluate" / "knn" / "simclr" / "base" / "seed0.json").read_text())
+    assert knn["raw_pixel_accuracy"] is None and knn["encoder_accuracy"] is not None
     return workdir, json.loads((workdir / "results" / "data" / "card.json").read_text())
 
 

@@ -45,6 +45,10 @@ def test_a_collapsed_objective_is_flagged_beside_a_healthy_one():
     assert table[4] == "| raw pixels | — | — | — | 0.8000 | — | — | — |"
     assert "**Collapse:** byol mapped every image" in "\n".join(collapse_notes(pretraining))
     assert collapse_notes({"simclr": pretraining["simclr"]}) == []
+    # config evaluate.knn_raw_pixels: false (the ImageNet experiments): the probe wrote null, and the row goes.
+    for run_ in pretraining.values():
+        run_["knn"]["raw_pixel_accuracy"] = None
+    assert [line for line in pretraining_table(pretraining) if "raw pixels" in line] == []
 
 
 def test_the_report_says_where_each_pretraining_run_ran():

@@ -1,5 +1,6 @@
 """Smoke training on a tiny synthetic dataset, on the CPU: the loops learn and respect their inputs."""
 import csv
+import json
 import logging
 import os
 import sys
@@ -199,14 +200,27 @@ def test_evaluation_writes_test_metrics_of_a_fine_tuned_model(data_dir, tmp_path
 
 def test_knn_probe_reports_encoder_and_raw_pixel_accuracy(data_dir, tmp_path, encoder_path):
     metrics = evaluate_knn(data_dir, encoder_path, tmp_path / "knn.json",
-                           {"knn_k": 5, "knn_temperature": 0.1}, CPU)
+                           {"knn_k": 5, "knn_temperature": 0.1, "knn_raw_pixels": True}, CPU)
     assert 0 < metrics["encoder_accuracy"] <= 1 and 0 < metrics["raw_pixel_accuracy"] <= 1
     assert metrics["memory_bank_size"] == 180
 
 
+def test_knn_probe_without_raw_pixels_writes_null_and_the_same_encoder_accuracy(data_dir, tmp_path, encoder_path,
+                                                                                 caplog):
+    """config evaluate.knn_raw_pixels: false, as the ImageNet experiments set it: no float32 copy of the splits."""
+    caplog.set_level(logging.INFO)
+    settings = {"knn_k": 5, "knn_temperature": 0.1}
+    with_pixels = evaluate_knn(data_dir, encoder_path, tmp_path / "a.json", {**settings, "knn_raw_pixels": True}, CPU)
+    without = evaluate_knn(data_dir, encoder_path, tmp_path / "b.json", {**settings, "knn_raw_pixels": False}, CPU)
+    assert without["raw_pixel_accuracy"] is None and with_pixels["raw_pixel_accuracy"] is not None
+    assert without["encoder_accuracy"] == with_pixels["encoder_accuracy"]
+    assert json.loads((tmp_path / "b.json").read_text())["raw_pixel_accuracy"] is None
+    assert "raw pixels not computed (config evaluate.knn_raw_pixels: false)" in caplog.text
+
+
 def test_knn_probe_with_k_larger_than_the_memory_bank_lets_every_image_vote(data_dir, tmp_path, encoder_path, caplog):
     metrics = evaluate_knn(data_dir, encoder_path, tmp_path / "knn.json",
-                           {"knn_k": 1000, "knn_temperature": 0.1}, CPU)
+                           {"knn_k": 1000, "knn_temperature": 0.1, "knn_raw_pixels": True}, CPU)
     assert metrics["k"] == 180 and 0 < metrics["encoder_accuracy"] <= 1
     assert "config key evaluate.knn_k is 1000 but the memory bank (the train split) holds 180 images" in caplog.text
 

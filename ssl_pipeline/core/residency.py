@@ -119,7 +119,7 @@ class ImageData:
         count = self.offsets[-1] if self.rows is None else len(self.rows)
         self.shape = torch.Size((int(count), *self.arrays[0].shape[1:]))
         self.pinned = self.device.type == "cuda"
-        self.tensor, self.failure = None, None
+        self.tensor, self.failure, self.resume_file = None, None, None
         if residency in ("device", "host"):
             self.tensor = self.load(self.device if residency == "device" else torch.device("cpu"),
                                     pinned=residency == "host" and self.pinned)
@@ -163,9 +163,19 @@ class ImageData:
         except Exception as error:  # noqa: BLE001 (re-raised in the training thread by check())
             self.failure = error
 
+    def discard_on_failure(self, resume_file) -> None:
+        """A shard found damaged while the job trains (the disk residency verifies beside training) also
+        removes `resume_file` (ssl_pipeline/core/resume.py): its state was trained on those bytes, so a
+        rerun must start afresh, not continue from it."""
+        self.resume_file = resume_file
+
     def check(self) -> None:
         """Raise, in the training thread, what the verifying thread found wrong."""
         if self.failure is not None:
+            if self.resume_file is not None and self.resume_file.path.exists():
+                self.resume_file.delete()
+                log.error("removed the resume state %s: it was trained on the damaged shard named below",
+                          self.resume_file.path)
             raise self.failure
 
     def finish(self) -> None:

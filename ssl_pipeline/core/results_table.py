@@ -40,7 +40,7 @@ def pretraining_frame(knn: list, linear: list) -> pd.DataFrame:
     if set(by_run) != {identity(probe) for probe in knn}:
         raise ValueError("the kNN and linear probes must cover the same pretraining runs")
     rows = [{"objective": k["objective"], "variant": identity(k)[1], "pretrain_seed": identity(k)[2],
-             "knn_accuracy": k["encoder_accuracy"], "raw_pixel_knn_accuracy": k["raw_pixel_accuracy"],
+             "knn_accuracy": k["encoder_accuracy"], "raw_pixel_knn_accuracy": k.get("raw_pixel_accuracy"),
              "linear_accuracy": by_run[identity(k)]["accuracy"], "linear_converged": by_run[identity(k)]["converged"]}
             for k in knn]
     frame = pd.DataFrame(rows)

@@ -27,7 +27,7 @@ RULE_CONFIG_KEYS = {
     "pretrain": ["pretrain", "model", "compute"],
     "finetune": ["finetune", "model", "compute"],
     "evaluate": ["compute"],
-    "knn_probe": ["evaluate.knn_k", "evaluate.knn_temperature", "compute"],
+    "knn_probe": ["evaluate.knn_k", "evaluate.knn_temperature", "evaluate.knn_raw_pixels", "compute"],
     "linear_probe": ["evaluate.linear_probe", "compute"],
     "report": ["report"],
     "claims": ["claims"],

@@ -118,9 +118,10 @@ class ProbeData:
 
 
 def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: dict, residency=None) -> dict:
-    """kNN test accuracy of the pretrained encoder's features and, for reference, of raw pixels.
-    The labeled training split is the memory bank. settings: config `evaluate`; residency: config data's
-    residency and memory_limit."""
+    """kNN test accuracy of the pretrained encoder's features and, for reference, of raw pixels (unless
+    settings knn_raw_pixels is false: they are held as float32, too large for ImageNet; the metric is then
+    null). The labeled training split is the memory bank. settings: config `evaluate`; residency: config
+    data's residency and memory_limit."""
     data = ProbeData(data_dir, encoder_path, compute, residency)
     k, temperature = settings["knn_k"], settings["knn_temperature"]
     if k > len(data.train_images):
@@ -139,12 +140,14 @@ def evaluate_knn(data_dir, encoder_path, metrics_path, settings: dict, compute: 
         **({"pretraining_world": data.world} if data.world else {}),
         "k": k, "temperature": temperature, "memory_bank_size": len(data.train_images),
         "encoder_accuracy": knn_accuracy(data.features(data.train_images), data.features(data.test_images)),
-        "raw_pixel_accuracy": knn_accuracy(data.pixels(data.train_images), data.pixels(data.test_images)),
+        "raw_pixel_accuracy": knn_accuracy(data.pixels(data.train_images), data.pixels(data.test_images))
+        if settings["knn_raw_pixels"] else None,
     }
     data.finish()
     write_json(metrics_path, metrics)
-    log.info("kNN accuracy: encoder %.4f, raw pixels %.4f", metrics["encoder_accuracy"],
-             metrics["raw_pixel_accuracy"])
+    raw = metrics["raw_pixel_accuracy"]
+    log.info("kNN accuracy: encoder %.4f, raw pixels %s", metrics["encoder_accuracy"],
+             "not computed (config evaluate.knn_raw_pixels: false)" if raw is None else f"{raw:.4f}")
     return metrics
 
 

@@ -98,6 +98,8 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     resume = resume_options(resume, model_path)
     resume_file = ResumeFile(resume["path"], job_identity(
         "finetune", job_settings, {**data_files, "subset": subset_path, "encoder": encoder_path}), resume["mode"])
+    for held_images in held.values():
+        held_images.discard_on_failure(resume_file)
     done, curve, best = 0, [], {"val_accuracy": -1.0}
     running_loss = torch.zeros((), device=device)
     saved = resume_file.load()

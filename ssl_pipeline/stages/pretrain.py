@@ -130,6 +130,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
                             ranks.world_size)
     resume = resume_options(resume, checkpoint_path)
     resume_file = ResumeFile(resume["path"], identity, resume["mode"])
+    images.discard_on_failure(resume_file)
     modules = {"encoder": encoder, "objective": objective}
 
     def describe(step):

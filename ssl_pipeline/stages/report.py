@@ -226,7 +226,8 @@ def pretraining_table(pretraining: dict) -> list:
                      f"{run['knn']['encoder_accuracy']:.4f} | {linear} | {float(last['elapsed_seconds']):.0f} s | "
                      f"{float(last['images_per_second']):.0f} |")
     first = next(iter(pretraining.values()))["knn"]
-    lines.append(f"| raw pixels | — | — | — | {first['raw_pixel_accuracy']:.4f} | — | — | — |")
+    if first.get("raw_pixel_accuracy") is not None:  # None: config evaluate.knn_raw_pixels was false
+        lines.append(f"| raw pixels | — | — | — | {first['raw_pixel_accuracy']:.4f} | — | — | — |")
     return [*lines, *world_lines(pretraining)]
 
 
