@@ -25,7 +25,8 @@ from ssl_pipeline.core import distributed
 from ssl_pipeline.core.artifacts import write_json
 from ssl_pipeline.augment import color_jitter
 from ssl_pipeline.backbones import BACKBONES
-from ssl_pipeline.core.data import device_generator
+from ssl_pipeline.core.data import BatchOrder, device_generator
+from ssl_pipeline.core.residency import ImageData
 from ssl_pipeline.core.models import build_encoder, prepare
 from ssl_pipeline.objectives import OBJECTIVES
 from ssl_pipeline.objectives.common import all_gather_rows
@@ -171,6 +172,35 @@ def test_a_pretraining_step_never_waits_for_the_gpu(objective, channels):
     torch.cuda.synchronize(runtime.device)
     without_syncs(trainer.step, 3)
     assert all(torch.isfinite(p).all() for module in trainer.modules for p in module.parameters())
+
+
+def test_host_and_disk_batches_copied_on_a_side_stream_equal_the_devices_while_the_gpu_is_busy(tmp_path):
+    """data.residency host and disk on CUDA: the prefetching thread copies each batch on a stream of its
+    own, and the training stream waits for that copy on the device. With the training stream kept busy
+    between batches, every batch and every evaluation chunk must still hold the device residency's bytes."""
+    images = np.random.default_rng(0).integers(0, 256, (96, 3, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "train_images.npy", images)
+    expected = torch.from_numpy(images).cuda()
+    busy = torch.randn(2048, 2048, device="cuda")
+    seen = {}
+    for residency in ("device", "host", "disk"):
+        data = ImageData([tmp_path / "train_images.npy"], residency, "cuda")
+        assert (data.copy_stream is None) == (residency == "device")
+        generator = device_generator(torch.device("cuda"), 5)
+        order = BatchOrder(len(data), 16, generator, "cuda")
+        batches = data.batches(order)
+        seen[residency] = []
+        for _ in range(2 * order.steps_per_epoch + 1):
+            index, batch = batches.next()
+            for _ in range(3):  # the step's kernels, queued on the training stream
+                busy = torch.tanh(busy @ busy)
+            assert torch.equal(batch, expected[index]), residency
+            seen[residency].append(index.clone())
+        batches.close()
+        assert torch.equal(torch.cat(list(data.chunks(40))), expected), residency
+        data.finish()
+    for residency in ("host", "disk"):
+        assert all(torch.equal(a, b) for a, b in zip(seen[residency], seen["device"]))
 
 
 def test_the_colour_jitter_selects_on_the_device_without_a_sync_and_as_the_ordered_one_does():

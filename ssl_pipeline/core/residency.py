@@ -3,7 +3,9 @@
 - device: the whole arrays on the training device, each batch cut there by its index tensor: the
   behaviour from before residencies existed, kept op for op (no host sync inside a step).
 - host: the arrays in CPU memory (pinned under CUDA); each batch is gathered on the host by a prefetching
-  thread while the previous step runs, then copied to the device with non_blocking=True.
+  thread while the previous step runs; on a GPU the same thread starts its copy to the device on a side
+  stream (non_blocking, from pinned memory), which the training stream waits for on the device, so the
+  copy overlaps the step's kernels instead of queueing behind them.
 - disk: the arrays memory-mapped (ssl_pipeline/core/arrays.py); the prefetching thread reads each batch's
   rows in sorted order, one batch ahead (double-buffered: the batch in use and the next one), and drops
   the pages it read from the process, so that its resident memory does not grow with the dataset.
@@ -119,6 +121,8 @@ class ImageData:
         count = self.offsets[-1] if self.rows is None else len(self.rows)
         self.shape = torch.Size((int(count), *self.arrays[0].shape[1:]))
         self.pinned = self.device.type == "cuda"
+        # host and disk on a GPU: each batch's copy runs on a stream of its own (stage()).
+        self.copy_stream = torch.cuda.Stream(self.device) if self.pinned and residency != "device" else None
         self.tensor, self.failure, self.resume_file = None, None, None
         if residency in ("device", "host"):
             self.tensor = self.load(self.device if residency == "device" else torch.device("cpu"),
@@ -204,8 +208,29 @@ class ImageData:
                 target[mine] = array.take(rows[mine] - self.offsets[number], release=True)
         return out
 
-    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch.to(self.device, non_blocking=True)
+    def stage(self, positions: np.ndarray):
+        """gather(positions), in the prefetching thread; on a GPU also its copy to the device, started on
+        a side stream from the pinned batch, so that it overlaps the step the training stream runs.
+        -> what ready() takes."""
+        batch = self.gather(positions)
+        if self.copy_stream is None:
+            return batch, None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+            moved = batch.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        return moved, copied
+
+    def ready(self, staged) -> torch.Tensor:
+        """A staged batch on the device, for the current stream: it waits (on the device, not the host) for
+        the copy, and the allocator keeps the batch's memory until that stream is done with it."""
+        batch, copied = staged
+        if copied is None:
+            return batch.to(self.device)
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(copied)
+        batch.record_stream(stream)
+        return batch
 
     # ---- what training and inference read ----------------------------------------------------------
     def batches(self, order) -> "Batches":
@@ -218,14 +243,14 @@ class ImageData:
         if self.residency == "device":
             yield from (self.tensor[start:start + size] for start in starts)
             return
-        read = lambda start: self.gather(np.arange(start, min(start + size, len(self)), dtype=np.int64))  # noqa: E731
+        read = lambda start: self.stage(np.arange(start, min(start + size, len(self)), dtype=np.int64))  # noqa: E731
         with ThreadPoolExecutor(1, thread_name_prefix="read-chunks") as pool:
             pending = pool.submit(read, 0) if len(self) else None
             for start in starts:
                 chunk = pending.result()
                 pending = pool.submit(read, start + size) if start + size < len(self) else None
                 self.check()
-                yield self.to_device(chunk)
+                yield self.ready(chunk)
 
 
 class Batches:
@@ -249,11 +274,11 @@ class Batches:
         if self.pending is not None and self.pending[0] == position:
             batch = self.pending[1].result()
         else:
-            batch = self.data.gather(self.positions(position))
+            batch = self.data.stage(self.positions(position))
         self.pending = None
         if position + 1 < self.order.steps_per_epoch:
-            self.pending = (position + 1, self.pool.submit(self.data.gather, self.positions(position + 1)))
-        return index, self.data.to_device(batch)
+            self.pending = (position + 1, self.pool.submit(self.data.stage, self.positions(position + 1)))
+        return index, self.data.ready(batch)
 
     def positions(self, position: int) -> np.ndarray:
         size = self.order.batch_size
