@@ -1,6 +1,7 @@
 """The whole DAG under real Snakemake: on a synthetic IDX dataset served over loopback HTTP, and on the
 real Fashion-MNIST from Debian's package."""
 import csv
+import re
 import json
 
 import pytest
@@ -72,6 +73,24 @@ def test_a_bad_config_is_reported_before_any_job_runs(tmp_path):
     assert "config key compute.nodes is 2: pretraining on several nodes runs as a Slurm job through the slurm " \
            "executor (--workflow-profile profiles/slurm), not the local executor" in result.stderr
     assert not (workdir / "results").exists()
+
+
+def test_a_sweep_over_processes_per_node_gives_each_variants_job_its_own_tasks_and_gpus(tmp_path):
+    """compute.nodes: 2 with a sweep over pretrain.processes: each variant's pretraining job asks the slurm
+    executor for its own count of tasks, tasks per node and GPUs per node (a dry run, which may plan jobs on
+    several nodes: it runs none)."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    (workdir / "sweep.yaml").write_text("compute:\n  nodes: 2\nsweeps:\n  procs: {pretrain.processes: [1, 3]}\n")
+    plan = snakemake(workdir, "-n", "--cores", "1", *SMOKE, "sweep.yaml").stdout
+    jobs = {}
+    for block in plan.split("\nrule pretrain:")[1:]:
+        variant = re.search(r"variant=([^,\s]+)", block)[1]
+        jobs[variant] = dict(re.findall(r"\b(tasks|cpus_per_task|slurm_extra|gres)=([^,\s]+)", block.split("\n\n")[0]))
+    assert jobs == {
+        "base": {"tasks": "2", "cpus_per_task": "1", "slurm_extra": "--ntasks-per-node=1", "gres": "gpu:1"},
+        "processes~1": {"tasks": "2", "cpus_per_task": "1", "slurm_extra": "--ntasks-per-node=1", "gres": "gpu:1"},
+        "processes~3": {"tasks": "6", "cpus_per_task": "1", "slurm_extra": "--ntasks-per-node=3", "gres": "gpu:3"},
+    }
 
 
 def planned_outputs(workdir, *args) -> list:

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 from ssl_pipeline.core.config import complete_config, validate_config
 from ssl_pipeline.core.raw_files import all_raw_paths
 from ssl_pipeline.core.settings import OBJECTIVE_SECTIONS, rule_settings
-from ssl_pipeline.core.sweeps import applies_to, pretraining_variants, run_name, sweep_variants
+from ssl_pipeline.core.sweeps import applies_to, pretraining_variants, run_name, sweep_variants, variant_config
 
 # config holds the keys given (--configfile, --config, or a deploying project's config/config.yaml): they go
 # over the defaults and the experiments they name (key experiment), in place, since modules share the dict.
@@ -126,7 +126,11 @@ def pretrain_resources():
     nodes = compute["nodes"]
     if nodes == 1:
         return {"gpu": 1}
-    per_node = 1 if config["pretrain"]["processes"] == "auto" else config["pretrain"]["processes"]
+
+    def per_node(wildcards):
+        # A sweep may set pretrain.processes per variant (compute.nodes is the same for all).
+        processes = variant_config(config, wildcards.variant)["pretrain"]["processes"]
+        return 1 if processes == "auto" else processes
 
     def checked_nodes(wildcards):
         # Known only once Snakemake runs, not while it reads the Snakefile. A job already inside a Slurm
@@ -142,16 +146,16 @@ def pretrain_resources():
 
     resources = {
         "nodes": checked_nodes,
-        "tasks": nodes * per_node,
+        "tasks": lambda wildcards: nodes * per_node(wildcards),
         "mpi": "srun",
         "tasks_per_gpu": 0,
         "gpu": 0,
-        "cpus_per_task": lambda wildcards, threads: max(1, threads // per_node),
+        "cpus_per_task": lambda wildcards, threads: max(1, threads // per_node(wildcards)),
         # The plugin's --ntasks alone lets Slurm spread the tasks unevenly; the launcher's srun wants K per node.
-        "slurm_extra": f"--ntasks-per-node={per_node}",
+        "slurm_extra": lambda wildcards: f"--ntasks-per-node={per_node(wildcards)}",
     }
     if compute["device"] != "cpu":
-        resources["gres"] = f"gpu:{per_node}"
+        resources["gres"] = lambda wildcards: f"gpu:{per_node(wildcards)}"
     return resources
 
 
