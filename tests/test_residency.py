@@ -141,9 +141,9 @@ def test_a_shard_with_a_wrong_checksum_fails_the_load_and_the_verification(small
 @pytest.mark.parametrize("residency", ["device", "disk"])
 def test_pretraining_on_a_corrupt_shard_fails_naming_it_and_writes_no_output(sharded_dir, tmp_path, residency):
     """device reads every byte before training; disk verifies in a thread while it trains and fails before
-    writing an output. The resume state is written after every step (checkpoint_every 0), so under disk
-    some may be on disk before the damage is found (a stand-in is put there first): it is removed, since it
-    was trained on the damaged bytes."""
+    writing an output. A resume state on disk (a stand-in here: under disk an earlier attempt may have
+    written one before the damage was found; checkpoint_every 0 writes one after every step) is removed
+    either way, since it may have been trained on the damaged bytes."""
     corrupt = tmp_path / "data"
     corrupt.mkdir()
     index = write_sharded(corrupt / "train_images.index.json", open_array(sharded_dir / "train_images.index.json")
@@ -152,8 +152,7 @@ def test_pretraining_on_a_corrupt_shard_fails_naming_it_and_writes_no_output(sha
     content = bytearray(shard.read_bytes())
     content[-1] ^= 0xFF
     shard.write_bytes(bytes(content))
-    if residency == "disk":
-        (tmp_path / "resume.pt").write_bytes(b"a state trained on the damaged bytes")
+    (tmp_path / "resume.pt").write_bytes(b"a state trained on the damaged bytes")
     with pytest.raises(ArrayFileError, match=rf"shard {shard} has sha256"):
         pretrain(index, sharded_dir / "normalization.json", tmp_path / "encoder.pt", tmp_path / "curve.csv",
                  PRETRAIN, MODEL, CPU, resume_at(tmp_path / "resume.pt", every=0), residency={"residency": residency})

@@ -287,7 +287,7 @@ def test_a_two_node_job_cancelled_or_losing_a_rank_resumes_and_a_failed_job_is_r
     workflow for all, since every Slurm run here costs tens of seconds."""
     workdir, config = synthetic_workflow
     # Long enough to interrupt it while it trains; no resume state but the one SIGTERM makes it write.
-    slow = {"pretrain": {"epochs": 800}, "compute": {"checkpoint_every": 60, "rank_timeout_seconds": 30}}
+    slow = {"pretrain": {"epochs": 300}, "compute": {"checkpoint_every": 60, "rank_timeout_seconds": 30}}
     (workdir / "slow.yaml").write_text(yaml.safe_dump({**slow, "compute": {**slow["compute"], **TWO_NODES["compute"]}}))
     arguments = (ENCODER, *SLURM, *ONE_THREAD_PER_RANK, *config, "slow.yaml")
     reference = copy_workflow(tmp_path / "reference")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_pipeline.core.arrays import open_array
+from ssl_pipeline.core.arrays import ArrayFileError, open_array
 
 log = logging.getLogger(__name__)
 RESIDENCIES = ("device", "host", "disk")
@@ -113,8 +113,10 @@ class ImageData:
     """uint8 images (N, C, H, W): the rows `rows` (None: all) of the arrays in `paths` one after the other,
     kept as `residency` says; batches and chunks come out on `device`."""
 
-    def __init__(self, paths, residency: str, device, rows=None):
+    def __init__(self, paths, residency: str, device, rows=None, resume_path=None):
+        """resume_path: the job's resume file, removed when these images turn out damaged (discard())."""
         self.residency, self.device = residency, torch.device(device)
+        self.resume_path = None if resume_path is None else Path(resume_path)
         self.arrays = [open_array(path) for path in paths]
         self.offsets = np.cumsum([0] + [len(array) for array in self.arrays])
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
@@ -123,10 +125,14 @@ class ImageData:
         self.pinned = self.device.type == "cuda"
         # host and disk on a GPU: each batch's copy runs on a stream of its own (stage()).
         self.copy_stream = torch.cuda.Stream(self.device) if self.pinned and residency != "device" else None
-        self.tensor, self.failure, self.resume_file = None, None, None
+        self.tensor, self.failure = None, None
         if residency in ("device", "host"):
-            self.tensor = self.load(self.device if residency == "device" else torch.device("cpu"),
-                                    pinned=residency == "host" and self.pinned)
+            try:
+                self.tensor = self.load(self.device if residency == "device" else torch.device("cpu"),
+                                        pinned=residency == "host" and self.pinned)
+            except ArrayFileError:
+                self.discard()
+                raise
         else:  # disk: the checksums are read beside training, not before it
             self.stop_verifying = False
             self.verifier = threading.Thread(target=self.verify, daemon=True, name="verify-shards")
@@ -167,19 +173,21 @@ class ImageData:
         except Exception as error:  # noqa: BLE001 (re-raised in the training thread by check())
             self.failure = error
 
-    def discard_on_failure(self, resume_file) -> None:
-        """A shard found damaged while the job trains (the disk residency verifies beside training) also
-        removes `resume_file` (ssl_pipeline/core/resume.py): its state was trained on those bytes, so a
-        rerun must start afresh, not continue from it."""
-        self.resume_file = resume_file
+    def discard(self) -> None:
+        """Damaged images (a checksum, a truncated shard) also remove the job's resume file: its state may
+        have been trained on those bytes (the disk residency verifies beside training, so an earlier
+        attempt may have written it before the damage was found), and a rerun after the shard is rebuilt
+        must start afresh, not continue from it."""
+        if self.resume_path is not None and self.resume_path.exists():
+            self.resume_path.unlink(missing_ok=True)
+            log.error("removed the resume state %s: it may have been trained on the damaged images named below",
+                      self.resume_path)
 
     def check(self) -> None:
-        """Raise, in the training thread, what the verifying thread found wrong."""
+        """Raise, in the training thread, what the verifying thread found wrong (before each batch, and
+        before a resume state is written)."""
         if self.failure is not None:
-            if self.resume_file is not None and self.resume_file.path.exists():
-                self.resume_file.delete()
-                log.error("removed the resume state %s: it was trained on the damaged shard named below",
-                          self.resume_file.path)
+            self.discard()
             raise self.failure
 
     def finish(self) -> None:
@@ -289,10 +297,11 @@ class Batches:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def job_images(image_sets: dict, device, options=None) -> dict:
+def job_images(image_sets: dict, device, options=None, resume_path=None) -> dict:
     """One residency for all of a job's images, chosen on their total size and logged: image_sets:
     name -> (paths, rows or None) -> name -> ImageData. options: config `data` (residency, memory_limit);
-    None: auto without a limit."""
+    None: auto without a limit. resume_path: a training job's resume file, removed if the images are
+    damaged (ImageData.discard)."""
     options = {**DEFAULT_OPTIONS, **(options or {})}
     device = torch.device(device)
     sizes = {}
@@ -304,4 +313,4 @@ def job_images(image_sets: dict, device, options=None) -> dict:
     log.info("data: %s of images (%s) kept on %s: %s", gigabytes(sum(sizes.values())),
              ", ".join(f"{name} {gigabytes(size)}" for name, size in sizes.items()),
              {"device": f"the device ({device})", "host": "the host", "disk": "disk (memory-mapped)"}[residency], why)
-    return {name: ImageData(paths, residency, device, rows) for name, (paths, rows) in image_sets.items()}
+    return {name: ImageData(paths, residency, device, rows, resume_path) for name, (paths, rows) in image_sets.items()}

@@ -69,8 +69,9 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     card = read_json(data_files["card"])
     subset_rows = np.load(subset_path)
     subset = torch.from_numpy(subset_rows).to(device)
+    resume = resume_options(resume, model_path)
     held = job_images({"train": ([data_files["train_images"]], subset_rows),
-                       "val": ([data_files["val_images"]], None)}, device, residency)
+                       "val": ([data_files["val_images"]], None)}, device, residency, resume["path"])
     images, val_images = held["train"], held["val"]  # uint8 (n, C, H, W), (n_val, C, H, W)
     labels = load_labels(data_files["train_labels"], device)[subset]
     val_labels = load_labels(data_files["val_labels"], device)
@@ -95,11 +96,8 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
     # ---- resume state -----------------------------------------------------------------------------
     job_settings = {"finetune": settings, "model": model_settings, "compute": compute, "init": init,
                     "label_fraction": label_fraction, "seed": seed}
-    resume = resume_options(resume, model_path)
     resume_file = ResumeFile(resume["path"], job_identity(
         "finetune", job_settings, {**data_files, "subset": subset_path, "encoder": encoder_path}), resume["mode"])
-    for held_images in held.values():
-        held_images.discard_on_failure(resume_file)
     done, curve, best = 0, [], {"val_accuracy": -1.0}
     running_loss = torch.zeros((), device=device)
     saved = resume_file.load()
@@ -110,6 +108,8 @@ def finetune(data_dir, subset_path, encoder_path, model_path, curve_path, init: 
         log.info("resuming from %s after step %d of %d", resume_file.path, done, total_steps)
 
     def snapshot():
+        for held_images in held.values():
+            held_images.check()  # no state from a run whose images were found damaged
         return (shared_state({"model": model}, optimizer, scheduler, curve=curve, best=best,
                              elapsed_seconds=clock.seconds()),
                 own_state(generator, order, running_loss=running_loss.cpu()))

@@ -103,7 +103,9 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
     distributed.join(ranks, device, rank_timeout_seconds)
     world = distributed.world(ranks)
     paths = training_image_paths(train_images_path, unlabeled_images_path)
-    images = job_images({"train": (paths, rank_rows(paths, ranks))}, device, residency)["train"]  # uint8 (N/W, C, H, W)
+    resume = resume_options(resume, checkpoint_path)
+    images = job_images({"train": (paths, rank_rows(paths, ranks))}, device, residency,
+                        resume["path"])["train"]  # uint8 (N/W, C, H, W)
     normalize = Normalizer.load(normalization_path, device)
     encoder = prepare(build_encoder(model_settings, images.shape[1]), device)
     card = encoder_card(encoder, model_settings, images.shape[1:])
@@ -128,9 +130,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
                             {"train_images": train_images_path, "normalization": normalization_path,
                              **({"unlabeled_images": unlabeled_images_path} if unlabeled_images_path else {})},
                             ranks.world_size)
-    resume = resume_options(resume, checkpoint_path)
     resume_file = ResumeFile(resume["path"], identity, resume["mode"])
-    images.discard_on_failure(resume_file)
     modules = {"encoder": encoder, "objective": objective}
 
     def describe(step):
@@ -146,6 +146,7 @@ def pretrain(train_images_path, normalization_path, checkpoint_path, curve_path,
         log.info("resuming from %s after %s", resume_file.path, describe(done))
 
     def snapshot():
+        images.check()  # no state from a run whose images were found damaged
         return (shared_state(modules, optimizer, scheduler, curve=curve, elapsed_seconds=clock.seconds()),
                 own_state(generator, order, epoch_sums=epoch_sums.cpu()))
 
