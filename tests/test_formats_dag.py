@@ -131,8 +131,9 @@ def fashion_mnist_split(images_file, labels_file):
 
 def test_fashion_mnist_as_png_folders_gives_the_idx_run_results(tmp_path, http_server, real_smoke_run):
     """The real training and test images written as 70,000 PNGs in class folders: preprocessing gives
-    byte-identical arrays, so the smoke DAG gives the IDX run's results to the last digit. Over 60 s (156 s
-    in a full run (2-core AMD EPYC, 2026-12-02)): 70,000 PNGs are encoded, served and decoded, then the whole smoke DAG runs, as issue 9
+    byte-identical arrays, so the smoke DAG gives the IDX run's results to the last digit. Over 60 s (118 s
+    in the clean-clone CI run, 2-core AMD EPYC, 2026-12-02): 70,000 PNGs are encoded, served and decoded, then the
+    whole smoke DAG runs, as issue 9
     asks ("the smoke DAG on Fashion-MNIST as PNG folders equals the IDX run")."""
     url, routes = http_server
     idx_workdir, _ = real_smoke_run

@@ -140,7 +140,8 @@ def test_smoke_dag_on_slurm_pretrains_on_two_nodes_as_two_local_processes_would(
     n2, one rank each; its encoder equals, tensor for tensor, that of a local run with 2 processes on
     one node (same global batch and seed), and so does its loss curve. Every other stage is a one-node
     job; those that do not read the encoder (preprocessing, label subsets, training from scratch)
-    give what the local run gave, byte for byte. Over 60 s (264 s in a full run (2-core AMD EPYC, 2026-12-02)): 14 Slurm jobs,
+    give what the local run gave, byte for byte. Over 60 s (210 s in the clean-clone CI run, 2-core AMD EPYC,
+    2026-12-02): 14 Slurm jobs,
     each a Snakemake job that imports torch on its node, and the local 2-process reference run."""
     local, local_seconds = real_smoke_run
     workdir = copy_workflow(tmp_path / "workflow")
@@ -285,7 +286,8 @@ def test_a_two_node_job_cancelled_or_losing_a_rank_resumes_and_a_failed_job_is_r
     once; a SIGKILL of one rank's process fails the job within config compute.rank_timeout_seconds, the
     log naming the rank and its node; then the rerun fails once (injected) and is retried with more
     resources, and the retry resumes to the weights of an uninterrupted run (2 local processes). One
-    workflow for all, since every Slurm run here costs tens of seconds (169 s alone (2-core AMD EPYC, 2026-12-02), 300 steps)."""
+    workflow for all, since every Slurm run here costs tens of seconds (201 s in the clean-clone CI run, 2-core
+    AMD EPYC, 2026-12-02; 300 steps)."""
     workdir, config = synthetic_workflow
     # Long enough to interrupt it while it trains; no resume state but the one SIGTERM makes it write.
     slow = {"pretrain": {"epochs": 300}, "compute": {"checkpoint_every": 60, "rank_timeout_seconds": 30}}
@@ -384,7 +386,8 @@ def test_a_two_node_job_near_its_time_limit_stops_both_ranks_and_its_retry_resum
     third (the profile's `runtime: N * attempt`). Both ranks stop at the same step, 50 s before the
     limit that Slurm reports for the job, with the state written; the retry continues from it. The
     weights equal those of an uninterrupted local run with 2 processes. The second attempt normally
-    finishes; on a busy machine the third may be needed. Over 60 s (155 s in a full run (2-core AMD EPYC, 2026-12-02)): the first
+    finishes; on a busy machine the third may be needed. Over 60 s (107 s in the clean-clone CI run, 2-core AMD
+    EPYC, 2026-12-02): the first
     attempt's one-minute limit is the test, then the retry, and the local reference run."""
     workdir = copy_workflow(tmp_path / "workflow")
     files = write_synthetic_idx(tmp_path / "mirror", num_classes=3, size=28, train_per_class=1000)

@@ -42,7 +42,8 @@ def rendered_dom(html_path) -> str:
 
 
 def test_a_sweep_with_pretraining_seeds_shares_jobs_adds_variants_alone_and_reports_claims(tmp_path, http_server):
-    """Over 60 s (139 s in a full run (2-core AMD EPYC, 2026-12-02)): the claims need 2 pretraining seeds of 2 variants, so 4
+    """Over 60 s (92 s in the clean-clone CI run, 2-core AMD EPYC, 2026-12-02): the claims need 2 pretraining seeds
+    of 2 variants, so 4
     pretraining runs and their probes, 21 jobs in all; then the report is opened in headless Chromium."""
     url, routes = http_server
     files = write_synthetic_idx(tmp_path / "served", num_classes=3, size=12, train_per_class=80)

@@ -102,8 +102,9 @@ def planned_outputs(workdir, *args) -> list:
 
 def test_synthetic_idx_dataset_over_loopback_http(tmp_path, http_server):
     """A new IDX dataset by config alone: 3 classes of 12x12 images, fetched from a real HTTP server,
-    pretrained with two objectives side by side; adding a third reruns nothing that exists. Over 60 s (142 s
-    alone (2-core AMD EPYC, 2026-12-02)): about 20 jobs, each importing torch, then a report and a dry run; one fine-tuning seed keeps it
+    pretrained with two objectives side by side; adding a third reruns nothing that exists. Over 60 s (77 s
+    in the clean-clone CI run, 2-core AMD EPYC, 2026-12-02): about 20 jobs, each importing torch, then a report
+    and a dry run; one fine-tuning seed keeps it
     at that."""
     url, routes = http_server
     files = write_synthetic_idx(tmp_path / "served", num_classes=3, size=12, train_per_class=80)
